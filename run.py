@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""tickettune: fine-tune a base LLM with LoRA on labelled support tickets, then predict an intent
+and a reply for every val ticket, in one invocation.
+
+    python run.py --train train.jsonl --val val.jsonl --weights WEIGHTS_DIR --output results.json
+
+Stages: validate inputs -> plan hardware -> load base model -> embed -> train LoRA -> save adapter
+-> predict -> write results. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # 2-core machines: no spin-waiting threads
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tickettune import __version__, config, data, runlog  # noqa: E402
+from tickettune.plan import ENV_MODEL, decide, detect_hardware, model_override  # noqa: E402
+
+log = logging.getLogger("tickettune")
+EXIT_BAD_INPUT = 2
+INFER_S_PER_ROW = {"cpu": 2.5, "cuda": 0.5}  # pessimistic, for the budget guard
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True, help="labelled JSONL: id, ticket, intent, ideal_reply")
+    p.add_argument("--val", required=True, help="input JSONL: id, ticket")
+    p.add_argument("--weights", required=True, help="folder for the adapter (created if missing)")
+    p.add_argument("--output", required=True, help="results JSON file (written atomically)")
+    p.add_argument("--seed", type=int, default=None, help="seed for everything (default 0)")
+    p.add_argument("--base-model", default=None,
+                   help=f"hub id or local folder; else ${ENV_MODEL}; else chosen by hardware")
+    p.add_argument("--config", default=None, help="JSON file overriding settings, e.g. {\"train\": {\"epochs\": 2}}")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget for the whole run (default 1500)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"tickettune {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runlog.setup(args.verbose)
+    clock = runlog.Clock()
+    try:
+        with clock.stage("validate"):
+            train_rows, val_rows = data.load_train(args.train), data.load_val(args.val)
+            overrides = config.load_overrides(args.config)
+            check_paths(Path(args.weights), Path(args.output))
+    except (data.DataError, config.ConfigError, PathError) as exc:
+        log.error("cannot start:\n%s", exc)
+        return EXIT_BAD_INPUT
+    log.info("%d train rows, %d intents, %d val rows", len(train_rows), len(data.taxonomy(train_rows)), len(val_rows))
+
+    with clock.stage("plan"):
+        plan = decide(detect_hardware(), model_override(args.base_model))
+        cfg = build_config(plan.device, overrides, args)
+        log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
+
+    from tickettune import modeling, predict, retrieval, train  # heavy imports after validation
+    from tickettune.embeddings import embed
+    from tickettune.results import TrainingStats, write_json_atomic, write_results
+
+    modeling.seed_everything(cfg.seed, plan.device)
+    with clock.stage("load model"):
+        model, tokenizer = modeling.load_base(plan)
+    with clock.stage("embed"):
+        vectors = embed([r.ticket for r in train_rows])
+        val_vectors = embed([r.ticket for r in val_rows])
+        index = retrieval.RetrievalIndex.fit(train_rows, vectors)
+    with clock.stage("train"):
+        modeling.seed_everything(cfg.seed, plan.device)  # LoRA init draws from the global RNG
+        model = modeling.add_lora(model, cfg.train)
+        references = [[train_rows[j].ideal_reply for j in index.nearest(v, r.intent, cfg.infer.n_references, exclude=i)]
+                      for i, (r, v) in enumerate(zip(train_rows, vectors))]
+        labels_in_prompt = list(index.labels) if cfg.infer.list_labels else None
+        seqs = train.build_sequences(train_rows, tokenizer, cfg.train, references, labels_in_prompt,
+                                     cfg.infer.max_ticket_tokens, cfg.seed)
+        held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
+        reserve = 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
+        result = train.train(model, tokenizer, seqs, held, cfg.train, cfg.seed,
+                             deadline=clock.start + cfg.budget_s - reserve)
+        log.info("%d steps, train_loss %.4f, val_loss %.4f (%d held-out rows)",
+                 result.steps, result.train_loss, result.val_loss, len(held))
+    with clock.stage("save adapter"):
+        modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result))
+        write_json_atomic(Path(args.weights) / "loss_history.json", result.history)
+    with clock.stage("predict"):
+        predictions = predict.predict(model, tokenizer, index, val_rows, val_vectors, cfg.infer,
+                                      deadline=clock.start + cfg.budget_s - 10)
+    stats = TrainingStats(result.steps, result.train_loss, result.val_loss, clock.elapsed())
+    write_results(args.output, stats, predictions)
+    log.info("wrote %d predictions to %s in %.1f s (%s)", len(predictions), args.output, clock.elapsed(),
+             ", ".join(f"{k} {v:.1f}s" for k, v in clock.stages.items()))
+    return 0
+
+
+class PathError(ValueError):
+    pass
+
+
+def check_paths(weights: Path, output: Path) -> None:
+    """Create the output folder; refuse an unwritable weights folder — before any model loads."""
+    problems = []
+    for folder, what in ((weights, "--weights"), (output.parent, "--output folder")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".tickettune-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"{what} {folder}: not writable ({exc.strerror or exc})")
+    if output.is_dir():
+        problems.append(f"--output {output}: is a folder, expected a file path")
+    if problems:
+        raise PathError("\n".join(problems))
+
+
+def build_config(device: str, overrides: dict, args: argparse.Namespace) -> config.RunConfig:
+    flags = {k: v for k, v in (("seed", args.seed), ("budget_s", args.budget_s)) if v is not None}
+    return config.RunConfig.for_plan(device, {**overrides, **flags})
+
+
+def run_metadata(plan, cfg, index, held, result) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from tickettune import prompts
+
+    return {
+        "tickettune": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "plan": plan.to_dict(), "config": cfg.to_dict(), "taxonomy": list(index.labels),
+        "embedding_temperature": index.temperature, "holdout_rows": sorted(held),
+        "steps": result.steps, "stopped_early": result.stopped_early,
+        "prompts": {"intent_system": prompts.INTENT_SYSTEM, "reply_system": prompts.REPLY_SYSTEM},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "loss_history": "loss_history.json",
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

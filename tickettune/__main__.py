@@ -1,0 +1,3 @@
+from tickettune.cli import main
+
+raise SystemExit(main())

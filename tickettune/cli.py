@@ -1,0 +1,34 @@
+"""`tickettune` console command: eval, repro, plan, package. Training + prediction is `run.py`.
+
+Each subcommand lives in its own module, which exposes `configure(parser)` and `main(args) -> int`;
+modules are imported only when their command runs, so `tickettune plan` starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "eval": ("tickettune.evaluate", "score a results file against labels the way the grader does"),
+    "repro": ("tickettune.repro", "run a command twice and check the predictions are byte-identical"),
+    "plan": ("tickettune.plan", "print the hardware plan (model, dtype, method) without loading anything"),
+    "package": ("tickettune.package", "build and validate the submission zip"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="tickettune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if argv[:1] == [name]:  # configure only the command being run (imports stay lazy)
+            importlib.import_module(module_name).configure(p)
+    args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).main(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Run settings: one small tree of frozen dataclasses, validated at construction, saved with the adapter.
+
+Defaults depend on the hardware plan (CPU vs GPU); `RunConfig.for_plan` picks them and a JSON
+file (`--config`) overrides any field. Every invalid field is reported at once.
+
+    >>> cfg = RunConfig.for_plan("cpu", overrides={"train": {"epochs": 1}})
+    >>> cfg.train.epochs
+    1
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # LoRA on every linear projection; a small rank keeps the base model's general ability (probes)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lr: float = 2e-3
+    epochs: int = 3
+    max_steps: int = 0              # 0 = no cap; tests use a few steps
+    batch_size: int = 8
+    max_seq_len: int = 384          # tokens per training sequence (prompt + reply)
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.0
+    holdout_frac: float = 0.2       # rows kept out of the first epoch to measure val_loss honestly
+    augment_copies: int = 1         # noisy copies (typos, casing, terse) of each intent row
+    reply_task: bool = True         # also teach replies, not only intents
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    max_new_tokens: int = 120
+    gen_batch_size: int = 16
+    score_batch_size: int = 16      # tickets per label-scoring forward
+    max_ticket_tokens: int = 256    # a longer ticket is cut (with a warning)
+    n_references: int = 1           # retrieved train replies shown in the reply prompt
+    lm_weight: float = 1.0          # weight of the fine-tuned model's label log-probs in the ensemble
+    emb_weight: float = 1.0         # weight of the embedding classifier's log-probs
+    list_labels: bool = False       # show the taxonomy in the intent prompt (helps large models)
+    repair_replies: bool = True     # restore facts a generation dropped (see grounding.py)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    budget_s: float = 1500.0        # wall-clock for the whole run; training stops early to fit
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def for_plan(cls, device: str, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        """Defaults for `device` ("cpu" or "cuda"), then `overrides` (a nested dict) on top."""
+        base = cls() if device == "cpu" else cls(
+            train=TrainConfig(lr=2e-4, epochs=3, batch_size=8, augment_copies=1),
+            infer=InferConfig(gen_batch_size=64, score_batch_size=64, max_new_tokens=160,
+                              n_references=2, list_labels=True),
+        )
+        return merge(base, overrides or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def merge(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """`cfg` with `overrides` applied; unknown keys and wrong types are errors, all reported together."""
+    problems: list[str] = []
+    top: dict[str, Any] = {}
+    sections = {"train": TrainConfig, "infer": InferConfig}
+    for key, value in overrides.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected an object")
+                continue
+            section = getattr(cfg, key)
+            known = {f.name: f for f in fields(section)}
+            changes = {}
+            for k, v in value.items():
+                if k not in known:
+                    problems.append(f"{key}.{k}: unknown setting")
+                elif not _type_ok(getattr(section, k), v):
+                    problems.append(f"{key}.{k}: expected {type(getattr(section, k)).__name__}, got {v!r}")
+                else:
+                    changes[k] = type(getattr(section, k))(v)
+            top[key] = replace(section, **changes)
+        elif key in ("seed", "budget_s"):
+            if not _type_ok(getattr(cfg, key), value):
+                problems.append(f"{key}: expected {type(getattr(cfg, key)).__name__}, got {value!r}")
+            else:
+                top[key] = type(getattr(cfg, key))(value)
+        else:
+            problems.append(f"{key}: unknown setting")
+    if problems:
+        raise ConfigError(problems)
+    return replace(cfg, **top)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    t, i = cfg.train, cfg.infer
+    checks = [
+        (t.lora_r >= 1, "train.lora_r must be >= 1"),
+        (t.lora_alpha > 0, "train.lora_alpha must be > 0"),
+        (0 <= t.lora_dropout < 1, "train.lora_dropout must be in [0, 1)"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.max_steps >= 0, "train.max_steps must be >= 0"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.max_seq_len >= 32, "train.max_seq_len must be >= 32"),
+        (0 <= t.warmup_frac < 1, "train.warmup_frac must be in [0, 1)"),
+        (0 <= t.holdout_frac < 1, "train.holdout_frac must be in [0, 1)"),
+        (t.augment_copies >= 0, "train.augment_copies must be >= 0"),
+        (i.max_new_tokens >= 1, "infer.max_new_tokens must be >= 1"),
+        (i.gen_batch_size >= 1, "infer.gen_batch_size must be >= 1"),
+        (i.score_batch_size >= 1, "infer.score_batch_size must be >= 1"),
+        (i.max_ticket_tokens >= 8, "infer.max_ticket_tokens must be >= 8"),
+        (i.n_references >= 0, "infer.n_references must be >= 0"),
+        (i.lm_weight >= 0 and i.emb_weight >= 0 and i.lm_weight + i.emb_weight > 0,
+         "infer.lm_weight and infer.emb_weight must be >= 0, not both 0"),
+        (cfg.budget_s > 0, "budget_s must be > 0"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def load_overrides(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a JSON object"])
+    return data

@@ -1,0 +1,99 @@
+"""Batched greedy generation with left padding; a failing batch is split, a failing row is reported.
+
+Greedy decoding only (determinism). Generation of a batch stops as soon as every row has ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str | None        # None: generation failed for this row (caller substitutes a safe reply)
+    prompt_tokens: int
+    new_tokens: int
+    finished: bool          # ended with an end-of-turn token (not cut by max_new_tokens)
+    seconds: float          # this row's share of its batch's wall-clock
+
+
+def generate(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+             stop_ids: list[int], deadline: float | None = None) -> list[Generated]:
+    """Greedy continuations of `prompts_ids`, in input order. Rows past `deadline` are not run."""
+    results: list[Generated | None] = [None] * len(prompts_ids)
+    bar = tqdm(total=len(prompts_ids), desc="reply", unit="ticket", leave=False)
+    for start in range(0, len(prompts_ids), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts_ids))))
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("time budget reached: %d rows get the retrieved reply", len(prompts_ids) - start)
+            for i in range(start, len(prompts_ids)):
+                results[i] = Generated(None, len(prompts_ids[i]), 0, False, 0.0)
+            break
+        for i, g in zip(rows, _generate_or_split(model, tokenizer, [prompts_ids[i] for i in rows],
+                                                max_new_tokens, stop_ids)):
+            results[i] = g
+        bar.update(len(rows))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _generate_or_split(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
+                       stop_ids: list[int]) -> list[Generated]:
+    try:
+        return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        _free_memory()
+        if len(batch) == 1:
+            log.warning("generation failed for one row (%s): using the safe reply", type(exc).__name__)
+            return [Generated(None, len(batch[0]), 0, False, 0.0)]
+        half = len(batch) // 2
+        log.warning("generation failed for a batch of %d (%s): retrying in halves", len(batch), type(exc).__name__)
+        return (_generate_or_split(model, tokenizer, batch[:half], max_new_tokens, stop_ids)
+                + _generate_or_split(model, tokenizer, batch[half:], max_new_tokens, stop_ids))
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
+                    stop_ids: list[int]) -> list[Generated]:
+    import torch
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in batch)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=stop_ids, pad_token_id=pad)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    seconds = (time.perf_counter() - t0) / len(batch)
+    results = []
+    stops = set(stop_ids)
+    for i, p in enumerate(batch):
+        new = out[i, width:].tolist()
+        n = next((k for k, t in enumerate(new) if t in stops), None)
+        finished = n is not None
+        new = new[:n] if finished else [t for t in new if t != pad]
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        results.append(Generated(text, len(p), len(new) + (1 if finished else 0), finished, seconds))
+    return results
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

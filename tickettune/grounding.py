@@ -1,0 +1,128 @@
+"""Keep generated replies grounded: extract facts, check a generation, repair or fall back.
+
+Pure text. The rule, decided without labels:
+1. Key facts are the facts (numbers, prices, durations, emails, URLs, menu paths, capitalised
+   product terms) that the retrieved train replies of the predicted intent agree on: facts in at
+   least two of them, or all facts of the only one.
+2. A generation is *degenerate* when it is empty or very short, loops (a 4-gram three times),
+   leaks the system prompt or the prompt scaffolding, or stops mid-word at the token limit.
+   A degenerate generation is replaced by the nearest retrieved reply.
+3. Otherwise, each key fact it dropped is restored by appending the reference sentence that
+   states it (in reference order, each sentence once), and a reply cut by the token limit is
+   trimmed to its last full sentence first.
+
+Does not judge style or correctness beyond these checks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from tickettune.prompts import REPLY_SYSTEM
+
+_FACT_PATTERNS = [
+    r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",                                   # emails
+    r"\b(?:https?://)?(?:[\w-]+\.)+(?:com|net|org|io|example|app|dev)(?:/[\w/.-]*)?",  # urls, domains
+    r"[A-Z][\w&'-]*(?: [A-Z][\w&'-]*)*(?:\s*(?:→|->|>)\s*[A-Z][\w&'-]*(?: [A-Z][\w&'-]*)*)+",  # menu paths
+    r"[$€£]\s?\d[\d,]*(?:\.\d+)?",                                        # money
+    r"\b\d[\d,]*(?:\.\d+)?%?",                                           # numbers, percentages
+]
+_FACT_RE = re.compile("|".join(f"(?:{p})" for p in _FACT_PATTERNS))
+_CAPITALISED = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-zA-Z]{2,}\b")
+_COMMON = frozenset("The This That You Your We Our If It Its Please Thanks Thank Hi Hello Sorry "
+                    "Once Then When Just Also And But For Yes No".split())
+_LEAK_MARKERS = ("Reference replies:", "Intent:", "Ticket:")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def normalise(fact: str) -> str:
+    return re.sub(r"\s+", " ", fact.replace("->", "→").replace(" > ", " → ")).strip(" .,;:").lower()
+
+
+def facts(text: str) -> set[str]:
+    """Normalised facts stated in `text`.
+
+    >>> sorted(facts("Go to Settings → Billing → Seats; it costs $8 per seat on Team."))
+    ['$8', 'settings → billing → seats', 'team']
+    """
+    matches = list(_FACT_RE.finditer(text))
+    found = {normalise(m.group(0)) for m in matches}
+    rest = _FACT_RE.sub(" , ", text)  # capitalised words inside a menu path are not facts of their own
+    found |= {m.group(0).lower() for m in _CAPITALISED.finditer(rest) if m.group(0) not in _COMMON}
+    return {f for f in found if f}
+
+
+def key_facts(references: list[str]) -> set[str]:
+    """Facts the references agree on: in >= 2 of them, or every fact of a single reference."""
+    if not references:
+        return set()
+    if len(references) == 1:
+        return facts(references[0])
+    counts = Counter(f for r in references for f in facts(r))
+    return {f for f, n in counts.items() if n >= 2}
+
+
+def degenerate(text: str, finished: bool) -> str | None:
+    """Why `text` is unusable, or None."""
+    words = text.split()
+    if len(words) < 5:
+        return "too short"
+    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    if grams and grams.most_common(1)[0][1] >= 3:
+        return "repetition loop"
+    if any(m in text for m in _LEAK_MARKERS) or _shares_span(text, REPLY_SYSTEM, 8):
+        return "leaks the prompt"
+    if not finished and not _SENTENCE.split(text)[:-1]:
+        return "cut off before the first full sentence"
+    return None
+
+
+def _shares_span(text: str, source: str, n: int) -> bool:
+    """True when `text` repeats any run of `n` consecutive words of `source`."""
+    src = source.lower().split()
+    spans = {tuple(src[i:i + n]) for i in range(len(src) - n + 1)}
+    words = text.lower().split()
+    return any(tuple(words[i:i + n]) in spans for i in range(len(words) - n + 1))
+
+
+def trim_to_sentence(text: str) -> str:
+    """Drop a trailing unfinished sentence (generation cut by the token limit)."""
+    parts = _SENTENCE.split(text.strip())
+    return " ".join(parts[:-1]) if len(parts) > 1 else text.strip()
+
+
+@dataclass(frozen=True)
+class Grounded:
+    reply: str
+    action: str            # "generated" | "repaired" | "fallback"
+    detail: str = ""
+
+
+def ground(generated: str | None, finished: bool, references: list[str], repair: bool = True) -> Grounded:
+    """Apply the module's rule to one generation; `references` are nearest first."""
+    if not references:
+        return Grounded((generated or "").strip(), "generated", "no references")
+    if generated is None:
+        return Grounded(references[0].strip(), "fallback", "generation failed")
+    why = degenerate(generated, finished)
+    if why:
+        return Grounded(references[0].strip(), "fallback", why)
+    reply = generated.strip() if finished else trim_to_sentence(generated)
+    if not repair:
+        return Grounded(reply, "generated")
+    have = facts(reply)
+    missing = key_facts(references) - have
+    if not missing:
+        return Grounded(reply, "generated")
+    added: list[str] = []
+    for ref in references:
+        for sentence in _SENTENCE.split(ref.strip()):
+            gained = facts(sentence) & missing
+            if gained and sentence not in added:
+                added.append(sentence)
+                missing -= gained
+    if not added:
+        return Grounded(reply, "generated")
+    return Grounded(" ".join([reply] + added), "repaired", f"restored {len(added)} sentence(s)")

@@ -1,0 +1,85 @@
+"""Intent prediction: label log-likelihoods under the fine-tuned model, combined with the
+embedding classifier. The answer is always one of the train intents.
+
+Label scoring shares each ticket's prompt: the prompts of a batch run once (left padded), their
+KV cache is repeated once per label, and only the label tokens run again. A label's score is the
+summed log-probability of its tokens *and* the end-of-turn marker, so a label that is a prefix of
+another ("billing" vs "billing.refund") is not favoured, and the sum (not the mean) keeps it a
+proper likelihood; softmax over labels then gives log P(label | ticket) for the ensemble.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from tickettune import prompts
+from tickettune.retrieval import log_softmax
+
+
+def combine(lm_logp: np.ndarray, emb_logp: np.ndarray, lm_weight: float, emb_weight: float) -> np.ndarray:
+    """Weighted product of experts in log space: (Q, C) x2 -> (Q,) argmax indices (first wins ties)."""
+    score = lm_weight * lm_logp + emb_weight * emb_logp
+    return np.argmax(score, axis=1)
+
+
+def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_size: int,
+                 labels_in_prompt: bool = False) -> np.ndarray:
+    """log P(label | ticket) under `model`, normalised over `labels`. Returns (Q, C) float64."""
+    import torch
+
+    device = next(model.parameters()).device
+    shown = labels if labels_in_prompt else None
+    # the label token ids do not depend on the ticket: render them once against a dummy prompt
+    label_ids = [prompts.render(tokenizer, prompts.intent_messages("x", shown), lab)[1] for lab in labels]
+    n_lab, width = len(labels), max(len(t) for t in label_ids)
+    lab = torch.full((n_lab, width), tokenizer.pad_token_id, dtype=torch.long)
+    lab_mask = torch.zeros((n_lab, width), dtype=torch.long)
+    for j, t in enumerate(label_ids):
+        lab[j, :len(t)] = torch.tensor(t)
+        lab_mask[j, :len(t)] = 1
+    lab, lab_mask = lab.to(device), lab_mask.to(device)
+
+    out = np.zeros((len(tickets), n_lab), dtype=np.float64)
+    bar = tqdm(total=len(tickets), desc="intent", unit="ticket", leave=False)
+    for start in range(0, len(tickets), batch_size):
+        chunk = tickets[start:start + batch_size]
+        encoded = [prompts.render(tokenizer, prompts.intent_messages(t, shown))[0] for t in chunk]
+        out[start:start + len(chunk)] = _score_chunk(model, encoded, lab, lab_mask, tokenizer.pad_token_id)
+        bar.update(len(chunk))
+    bar.close()
+    return log_softmax(out)
+
+
+def _score_chunk(model, encoded: list[list[int]], lab, lab_mask, pad_id: int) -> np.ndarray:
+    import torch
+
+    device = lab.device
+    b, n_lab, width = len(encoded), lab.shape[0], lab.shape[1]
+    plen = max(len(e) for e in encoded)
+    ids = torch.full((b, plen), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, plen), dtype=torch.long)
+    for i, e in enumerate(encoded):  # left padding: every prompt ends at the same column
+        ids[i, plen - len(e):] = torch.tensor(e)
+        mask[i, plen - len(e):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(n_lab)                                 # (B*L, ...)
+        last = torch.log_softmax(first.logits[:, -1].float(), dim=-1)        # (B, V)
+        lab_ids = lab.repeat(b, 1)                                            # (B*L, W)
+        lab_m = lab_mask.repeat(b, 1)
+        full_mask = torch.cat([mask.repeat_interleave(n_lab, 0), lab_m], dim=1)
+        lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(width, device=device)
+        rest = model(input_ids=lab_ids, attention_mask=full_mask, position_ids=lab_pos,
+                     past_key_values=cache, use_cache=True).logits                # (B*L, W, V)
+        # token t of a label is predicted by position t-1 of `rest`, token 0 by the prompt's last
+        logp0 = last.repeat_interleave(n_lab, 0).gather(1, lab_ids[:, :1]).squeeze(1)
+        if width > 1:
+            steps = torch.log_softmax(rest[:, :-1].float(), dim=-1).gather(2, lab_ids[:, 1:, None]).squeeze(2)
+            total = logp0 + (steps * lab_m[:, 1:]).sum(1)
+        else:
+            total = logp0
+    return total.view(b, n_lab).cpu().double().numpy()

