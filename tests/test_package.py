@@ -81,8 +81,8 @@ GOOD = {"run.py": b"print('hi')\n", "README.md": b"# hi\n", "requirements.txt": 
     ("dist/repo.zip", False),
     ("weights/adapter_model.safetensors", False),
     ("bench/results.json", False),
-    ("scripts/setup.sh", False),
-    ("constraints.txt", False),
+    ("scripts/setup.sh", True),
+    ("constraints.txt", True),
     ("run.pyc", False),
     ("README.md.orig", False),
 ])

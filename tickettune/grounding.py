@@ -33,7 +33,7 @@ _FACT_RE = re.compile("|".join(f"(?:{p})" for p in _FACT_PATTERNS))
 _CAPITALISED = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-zA-Z]{2,}\b")
 _COMMON = frozenset("The This That You Your We Our If It Its Please Thanks Thank Hi Hello Sorry "
                     "Once Then When Just Also And But For Yes No".split())
-_LEAK_MARKERS = ("Reference replies:", "Intent:", "Ticket:")
+_LEAK_MARKERS = ("Reference replies:", "Ticket:")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
@@ -62,6 +62,12 @@ def key_facts(references: list[str]) -> set[str]:
         return facts(references[0])
     counts = Counter(f for r in references for f in facts(r))
     return {f for f, n in counts.items() if n >= 2}
+
+
+def missing_facts(text: str, wanted: set[str]) -> set[str]:
+    """Facts of `wanted` that `text` does not state (substring of its normalised form)."""
+    have = normalise(text)
+    return {f for f in wanted if not re.search(rf"(?<!\w){re.escape(f)}(?!\w)", have)}
 
 
 def degenerate(text: str, finished: bool) -> str | None:
@@ -112,8 +118,7 @@ def ground(generated: str | None, finished: bool, references: list[str], repair:
     reply = generated.strip() if finished else trim_to_sentence(generated)
     if not repair:
         return Grounded(reply, "generated")
-    have = facts(reply)
-    missing = key_facts(references) - have
+    missing = missing_facts(reply, key_facts(references))
     if not missing:
         return Grounded(reply, "generated")
     added: list[str] = []

@@ -164,13 +164,14 @@ def _write_cache(path: Path, record: dict) -> None:
 
 def judge_replies(pairs: list[tuple[str, str]], *, model: str = "gpt-4o-mini", budget_usd: float = 3.0,
                   cache_dir: str | Path = "~/.cache/tickettune/judge", offline: bool = False,
-                  client=None, fallback: Callable[[list[tuple[str, str]]], list[float]] = offline_scores,
+                  client=None, fallback: Callable[[list[tuple[str, str]]], list[float]] | None = None,
                   log: Callable[[str], None] = _stderr, max_retries: int = 2) -> JudgeRun:
     """Score (ideal, prediction) pairs. An empty prediction scores 0 without asking anyone.
 
     Uses the LLM judge when OPENAI_API_KEY is set (or `client` is given) and `offline` is False;
-    otherwise `fallback` (the offline judge) scores everything.
+    otherwise `fallback` (default: `offline_scores`) scores everything.
     """
+    fallback = fallback or offline_scores
     scores: list[float | None] = [0.0 if not pred.strip() else None for _, pred in pairs]
     todo = [i for i, s in enumerate(scores) if s is None]
     use_llm = not offline and (client is not None or bool(os.environ.get("OPENAI_API_KEY")))

@@ -37,6 +37,17 @@ def seed_everything(seed: int, device: str = "cpu") -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def autocast(plan: Plan):
+    """Context for forward passes: bf16 autocast when the plan asks for it, else nothing."""
+    import contextlib
+
+    import torch
+
+    if plan.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=plan.device, dtype=getattr(torch, plan.autocast))
+
+
 def load_base(plan: Plan):
     """(model, tokenizer) for `plan`, in eval mode, padding on the left for batched generation."""
     import torch

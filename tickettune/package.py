@@ -40,8 +40,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 # --- what ships -----------------------------------------------------------------------------------
-ROOT_FILES = frozenset({"run.py", "README.md", "requirements.txt", "pyproject.toml",
+ROOT_FILES = frozenset({"run.py", "README.md", "requirements.txt", "constraints.txt", "pyproject.toml",
                         "LICENSE", "LICENSE.md", "LICENSE.txt"})
+EXTRA_FILES = frozenset({"scripts/setup.sh"})     # the README's set-up command
 PACKAGE_DIR = "tickettune"                        # tickettune/**/*.py
 SAMPLE_DATA = frozenset({"train.jsonl", "val.jsonl"})  # data/<set>/{train,val}.jsonl: tiny sample inputs
 
@@ -67,6 +68,8 @@ def is_allowed(path: str) -> bool:
     >>> [is_allowed(p) for p in ("run.py", "tickettune/x/y.py", "data/northstar/val_labels.jsonl")]
     [True, True, False]
     """
+    if path in EXTRA_FILES:
+        return True
     parts = PurePosixPath(path).parts
     if len(parts) == 1:
         return parts[0] in ROOT_FILES

@@ -25,9 +25,10 @@ KEY_FACT_REFERENCES = 3  # nearest same-intent replies consulted for the groundi
 
 
 def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vectors: np.ndarray,
-            cfg: InferConfig, deadline: float | None = None) -> list[Prediction]:
+            cfg: InferConfig, deadline: float | None = None) -> tuple[list[Prediction], list[dict]]:
+    """Predictions in input order, and one diagnostics record per row (scores, references, action)."""
     if not val:
-        return []
+        return [], []
     labels = list(index.labels)
     tickets = []
     for t in val:
@@ -50,14 +51,14 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
 
     refs = [[index.examples[i].ideal_reply for i in index.nearest(v, intent, k=KEY_FACT_REFERENCES)]
             for v, intent in zip(val_vectors, intents)]
-    prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, intent, r[:cfg.n_references]))[0]
-                  for t, intent, r in zip(tickets, intents, refs)]
+    prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
+                  for t, r in zip(tickets, refs)]
     intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t))[0]) for t in tickets]
     generated = generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
                          end_of_turn_ids(model, tokenizer), deadline)
 
-    out, actions = [], Counter()
-    for t, intent, r, g, n_int in zip(val, intents, refs, generated, intent_tokens):
+    out, diagnostics, actions = [], [], Counter()
+    for row, (t, intent, r, g, n_int) in enumerate(zip(val, intents, refs, generated, intent_tokens)):
         grounded = ground(g.text, g.finished, r, repair=cfg.repair_replies)
         actions[grounded.action] += 1
         if grounded.action == "fallback":
@@ -68,5 +69,11 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
             latency_ms=int(round((intent_s + g.seconds) * 1000)),
             tokens_used=int(n_int + g.prompt_tokens + g.new_tokens),
         ))
+        diagnostics.append({
+            "id": t.id, "intent": intent,
+            "lm_logp": {lab: round(float(x), 4) for lab, x in zip(labels, lm_logp[row])},
+            "emb_logp": {lab: round(float(x), 4) for lab, x in zip(labels, emb_logp[row])},
+            "reply_action": grounded.action, "reply_detail": grounded.detail, "generated": g.text,
+        })
     log.info("replies: %s", ", ".join(f"{k} {v}" for k, v in sorted(actions.items())))
-    return out
+    return out, diagnostics

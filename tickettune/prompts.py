@@ -34,16 +34,19 @@ def intent_messages(ticket: str, labels: Sequence[str] | None = None) -> list[Me
     return [{"role": "system", "content": system}, {"role": "user", "content": ticket or EMPTY_TICKET}]
 
 
-def reply_messages(ticket: str, intent: str, references: Sequence[str]) -> list[Message]:
-    """Messages for the reply task: the predicted intent and retrieved replies ground the answer.
+def reply_messages(ticket: str, references: Sequence[str]) -> list[Message]:
+    """Messages for the reply task: retrieved replies of the predicted intent ground the answer.
 
-    >>> reply_messages("Can guests edit?", "sharing.guests", ["Guests can edit on Team."])[1]["content"]
-    'Reference replies:\\n- Guests can edit on Team.\\n\\nIntent: sharing.guests\\nTicket: Can guests edit?'
+    The intent label itself is not shown: with it in the prompt the small model sometimes answered
+    with the label instead of a reply (the intent task's answer format).
+
+    >>> reply_messages("Can guests edit?", ["Guests can edit on Team."])[1]["content"]
+    'Reference replies:\\n- Guests can edit on Team.\\n\\nTicket: Can guests edit?'
     """
     parts = []
     if references:
         parts.append("Reference replies:\n" + "\n".join(f"- {r.strip()}" for r in references) + "\n")
-    parts.append(f"Intent: {intent}\nTicket: {ticket or EMPTY_TICKET}")
+    parts.append(f"Ticket: {ticket or EMPTY_TICKET}")
     return [{"role": "system", "content": REPLY_SYSTEM}, {"role": "user", "content": "\n".join(parts)}]
 
 

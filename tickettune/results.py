@@ -48,21 +48,29 @@ def results_dict(stats: TrainingStats, predictions: list[Prediction]) -> dict:
     return {"training": training, "predictions": [asdict(p) for p in predictions]}
 
 
-def write_json_atomic(path: str | Path, obj: object) -> None:
-    """Write JSON via a temp file in the same folder + rename: readers never see a partial file."""
+def _write_atomic(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + fsync + rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2, allow_nan=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    _write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically like the results file."""
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
 
 
 def write_results(path: str | Path, stats: TrainingStats, predictions: list[Prediction]) -> None:

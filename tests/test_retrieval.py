@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from tickettune.data import Example
+from tickettune.retrieval import DEFAULT_TEMPERATURE, RetrievalIndex, fit_temperature, log_softmax, prototypes
+
+
+def unit(*v):
+    v = np.array(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+EXAMPLES = [Example(f"e{i}", f"t{i}", intent, f"r{i}") for i, intent in enumerate(["b", "a", "a", "b"])]
+TICKETS = np.stack([unit(0, 1, 0.1), unit(1, 0, 0), unit(1, 0.2, 0), unit(0.1, 1, 0)])
+REPLIES = np.stack([unit(0, 1, 0), unit(1, 0, 0.1), unit(1, 0, 0), unit(0, 1, 0)])
+
+
+def test_prototypes_average_tickets_and_replies_per_class():
+    protos = prototypes(TICKETS, REPLIES, np.array([1, 0, 0, 1]), 2)
+    assert protos.shape == (2, 3) and np.allclose(np.linalg.norm(protos, axis=1), 1.0)
+    expected = TICKETS[1] + TICKETS[2] + REPLIES[1] + REPLIES[2]
+    assert np.allclose(protos[0], expected / np.linalg.norm(expected))
+
+
+def test_intent_logprobs_are_normalised_and_pick_the_near_class():
+    index = RetrievalIndex.fit(EXAMPLES, TICKETS, REPLIES)
+    assert index.labels == ("a", "b")
+    logp = index.intent_logprobs(np.stack([unit(1, 0.1, 0), unit(0, 1, 0)]))
+    assert np.allclose(np.exp(logp).sum(1), 1.0)
+    assert list(logp.argmax(1)) == [0, 1]
+
+
+def test_temperature_is_fit_by_leave_one_out_and_prefers_sharp_when_separable():
+    idx = np.array([1, 0, 0, 1])
+    assert fit_temperature(TICKETS, REPLIES, idx, 2) == 0.01  # perfectly separable: sharpest wins
+    assert fit_temperature(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), np.array([0, 1, 2]), 3) \
+        == DEFAULT_TEMPERATURE  # no class has two rows
+
+
+def test_nearest_filters_by_intent_and_excludes_self():
+    index = RetrievalIndex.fit(EXAMPLES, TICKETS, REPLIES)
+    assert index.nearest(TICKETS[1], k=2) == [1, 2]
+    assert index.nearest(TICKETS[1], intent="a", k=3, exclude=1) == [2]
+    assert index.nearest(TICKETS[1], intent="b", k=1) == [3]
+
+
+def test_single_intent_gives_probability_one():
+    index = RetrievalIndex.fit(EXAMPLES[1:3], TICKETS[1:3], REPLIES[1:3])
+    assert np.allclose(index.intent_logprobs(TICKETS[:1]), 0.0)
+
+
+@pytest.mark.parametrize("x", [np.array([[0.0, -np.inf]]), np.array([[1.0, 2.0, 3.0]])])
+def test_log_softmax_handles_minus_infinity(x):
+    out = log_softmax(x)
+    assert np.isfinite(out[0, 0]) and np.isclose(np.exp(out).sum(), 1.0)
