@@ -19,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # 2-core machines: no spin-waiting threads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; set before any CUDA use
 
 from tickettune import __version__, config, data, runlog  # noqa: E402
 from tickettune.plan import ENV_MODEL, decide, detect_hardware, model_override  # noqa: E402
@@ -50,20 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     clock = runlog.Clock()
     try:
         with clock.stage("validate"):
-            train_rows, val_rows = data.load_train(args.train), data.load_val(args.val)
+            train_rows, val_rows = load_inputs(args.train, args.val)
             overrides = config.load_overrides(args.config)
             check_paths(Path(args.weights), Path(args.output))
+        with clock.stage("plan"):
+            plan = decide(detect_hardware(), model_override(args.base_model))
+            cfg = build_config(plan.device, overrides, args)
     except (data.DataError, config.ConfigError, PathError) as exc:
         log.error("cannot start:\n%s", exc)
         return EXIT_BAD_INPUT
     log.info("%d train rows, %d intents, %d val rows", len(train_rows), len(data.taxonomy(train_rows)), len(val_rows))
+    log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
 
-    with clock.stage("plan"):
-        plan = decide(detect_hardware(), model_override(args.base_model))
-        cfg = build_config(plan.device, overrides, args)
-        log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
-
-    from tickettune import modeling, predict, retrieval, train  # heavy imports after validation
+    from tickettune import intent, modeling, predict, retrieval, train  # heavy imports after validation
     from tickettune.embeddings import embed
     from tickettune.results import TrainingStats, write_json_atomic, write_jsonl, write_results
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     with clock.stage("embed"):
         vectors = embed([r.ticket for r in train_rows])
         val_vectors = embed([r.ticket for r in val_rows])
-        index = retrieval.RetrievalIndex.fit(train_rows, vectors, embed([r.ideal_reply for r in train_rows]))
+        reply_vectors = embed([r.ideal_reply for r in train_rows])
+        index = retrieval.RetrievalIndex.fit(train_rows, vectors, reply_vectors)
     with clock.stage("train"):
         modeling.seed_everything(cfg.seed, plan.device)  # LoRA init draws from the global RNG
         model = modeling.add_lora(model, cfg.train)
@@ -84,20 +85,29 @@ def main(argv: list[str] | None = None) -> int:
                                      cfg.infer.max_ticket_tokens, cfg.seed)
         held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
         reserve = 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
-        result = train.train(model, tokenizer, seqs, held, cfg.train, cfg.seed,
-                             deadline=clock.start + cfg.budget_s - reserve, autocast=lambda: modeling.autocast(plan))
-        log.info("%d steps, train_loss %.4f, val_loss %.4f (%d held-out rows)",
-                 result.steps, result.train_loss, result.val_loss, len(held))
+        calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, vectors, reply_vectors,
+                                                cfg.infer.score_batch_size, cfg.infer.list_labels,
+                                                lambda: modeling.autocast(plan))
+        result = train.fit(model, tokenizer, seqs, held, cfg.train, cfg.seed,
+                           deadline=clock.start + cfg.budget_s - reserve, autocast=lambda: modeling.autocast(plan),
+                           after_first_epoch=calibration if cfg.infer.calibrate_lm_weight else None)
+        lm_weight = calibration.weight(cfg.infer.lm_weight) if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
+        log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
+                 result.steps, result.tokens, result.train_loss, result.val_loss, len(held), lm_weight)
     with clock.stage("save adapter"):
-        modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result))
+        modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result, lm_weight))
         write_json_atomic(Path(args.weights) / "loss_history.json", result.history)
     with clock.stage("predict"):
         with modeling.autocast(plan):
             predictions, diagnostics = predict.predict(model, tokenizer, index, val_rows, val_vectors, cfg.infer,
-                                                       deadline=clock.start + cfg.budget_s - 10)
+                                                       lm_weight, deadline=clock.start + cfg.budget_s - 10)
         write_jsonl(Path(args.weights) / "diagnostics.jsonl", diagnostics)
     stats = TrainingStats(result.steps, result.train_loss, result.val_loss, clock.elapsed())
     write_results(args.output, stats, predictions)
+    if plan.device == "cuda":
+        import torch
+
+        log.info("peak GPU memory %.1f GB", torch.cuda.max_memory_allocated() / 2**30)
     log.info("wrote %d predictions to %s in %.1f s (%s)", len(predictions), args.output, clock.elapsed(),
              ", ".join(f"{k} {v:.1f}s" for k, v in clock.stages.items()))
     return 0
@@ -105,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
 
 class PathError(ValueError):
     pass
+
+
+def load_inputs(train_path: str, val_path: str) -> tuple[list[data.Example], list[data.Ticket]]:
+    """Both files, validated; problems of both are reported together."""
+    problems: list[str] = []
+    loaded = []
+    for loader, path in ((data.load_train, train_path), (data.load_val, val_path)):
+        try:
+            loaded.append(loader(path))
+        except data.DataError as exc:
+            problems += exc.problems
+    if problems:
+        raise data.DataError(problems)
+    return loaded[0], loaded[1]
 
 
 def check_paths(weights: Path, output: Path) -> None:
@@ -132,7 +156,7 @@ def build_config(device: str, overrides: dict, args: argparse.Namespace) -> conf
     return config.RunConfig.for_plan(device, {**overrides, **flags})
 
 
-def run_metadata(plan, cfg, index, held, result) -> dict:
+def run_metadata(plan, cfg, index, held, result, lm_weight: float) -> dict:
     import peft
     import torch
     import transformers
@@ -142,7 +166,7 @@ def run_metadata(plan, cfg, index, held, result) -> dict:
     return {
         "tickettune": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "plan": plan.to_dict(), "config": cfg.to_dict(), "taxonomy": list(index.labels),
-        "embedding_temperature": index.temperature, "holdout_rows": sorted(held),
+        "embedding_temperature": index.temperature, "holdout_rows": sorted(held), "lm_weight": lm_weight,
         "steps": result.steps, "stopped_early": result.stopped_early,
         "prompts": {"intent_system": prompts.INTENT_SYSTEM, "reply_system": prompts.REPLY_SYSTEM},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

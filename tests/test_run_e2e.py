@@ -48,7 +48,7 @@ def test_results_schema_and_taxonomy(two_runs):
     data = json.loads(out.read_text())
     assert set(data) == {"training", "predictions"}
     t = data["training"]
-    assert t["steps"] == 2 and t["wall_clock_s"] > 0
+    assert t["steps"] == 4 and t["wall_clock_s"] > 0  # max_steps 2 per adapter: intent + reply
     assert all(isinstance(t[k], (int, float)) for k in ("train_loss", "val_loss"))
     assert [p["id"] for p in data["predictions"]] == [r["id"] for r in val_rows]
     taxonomy = {r["intent"] for r in train_rows}
@@ -57,7 +57,8 @@ def test_results_schema_and_taxonomy(two_runs):
         assert p["predicted_intent"] in taxonomy
         assert isinstance(p["prediction"], str) and p["prediction"].strip()
         assert p["tokens_used"] > 0 and p["latency_ms"] >= 0
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tickettune.json", "loss_history.json",
+    for name in ("adapter_config.json", "adapter_model.safetensors", "reply/adapter_config.json",
+                 "reply/adapter_model.safetensors", "tickettune.json", "loss_history.json",
                  "diagnostics.jsonl", "tokenizer.json"):
         assert (weights / name).is_file(), name
     meta = json.loads((weights / "tickettune.json").read_text())
@@ -92,12 +93,13 @@ def test_saved_adapter_reproduces_the_predictions(two_runs):
     meta = json.loads((weights / "tickettune.json").read_text())
     plan = Plan(**meta["plan"])
     base, tokenizer = modeling.load_base(plan)
+    infer = InferConfig(**meta["config"]["infer"])
     model = modeling.load_adapter(base, weights)
     train_rows, val_rows = load_train(weights.parents[1] / "train.jsonl"), load_val(weights.parents[1] / "val.jsonl")
     index = RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]), embed([r.ideal_reply for r in train_rows]))
     with modeling.autocast(plan):
         predictions, _ = predict(model, tokenizer, index, val_rows, embed([r.ticket for r in val_rows]),
-                                 InferConfig(**meta["config"]["infer"]))
+                                 infer, meta["lm_weight"])
     saved = json.loads(out.read_text())["predictions"]
     assert [(p.id, p.predicted_intent, p.prediction) for p in predictions] == \
            [(p["id"], p["predicted_intent"], p["prediction"]) for p in saved]

@@ -42,14 +42,3 @@ def test_noisy_copies_differ_from_the_original_and_repeat_with_the_seed():
     assert len(copies) == 6 and text not in copies
     assert copies == noisy_copies(text, 6, random.Random(0))
 
-
-def test_epoch_schedule_holds_rows_out_of_epoch_one_and_adds_replies_last():
-    from tickettune.config import TrainConfig
-    from tickettune.train import epoch_sequences
-
-    seqs = [Sequence([1], [1], row, task) for row in range(3) for task in ("intent", "reply")]
-    cfg = TrainConfig(epochs=3, reply_epochs=1)
-    got = [[(s.row, s.task) for s in epoch_sequences(seqs, {1}, e, cfg)] for e in range(3)]
-    assert got[0] == [(0, "intent"), (2, "intent")]
-    assert got[1] == [(0, "intent"), (1, "intent"), (2, "intent")]
-    assert got[2] == [(r, t) for r in range(3) for t in ("intent", "reply")]

@@ -30,8 +30,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lr: float = 2e-3
     epochs: int = 4                 # passes over the intent task (short sequences, cheap)
-    reply_epochs: int = 2           # the reply task joins for the last N epochs (capped at epochs); 0 = never
-    max_steps: int = 0              # 0 = no cap; tests use a few steps
+    reply_epochs: int = 2           # epochs of the reply adapter (long sequences); 0 = no reply adapter
+    max_steps: int = 0              # cap per adapter, 0 = none; tests use a few steps
     batch_size: int = 8
     max_seq_len: int = 384          # tokens per training sequence (prompt + reply)
     warmup_frac: float = 0.1
@@ -47,10 +47,12 @@ class InferConfig:
     score_batch_size: int = 16      # tickets per label-scoring forward
     max_ticket_tokens: int = 256    # a longer ticket is cut (with a warning)
     n_references: int = 1           # retrieved train replies shown in the reply prompt
-    lm_weight: float = 1.0          # weight of the fine-tuned model's label log-probs in the ensemble
+    lm_weight: float = 0.25         # weight of the fine-tuned model's label log-probs in the ensemble
+    calibrate_lm_weight: bool = True  # choose lm_weight on the held-out rows (lm_weight when none)
     emb_weight: float = 1.0         # weight of the embedding classifier's log-probs
     list_labels: bool = False       # show the taxonomy in the intent prompt (helps large models)
     repair_replies: bool = True     # restore facts a generation dropped (see grounding.py)
+    merge_adapter: bool = False     # merge LoRA into the base weights for prediction (after saving)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class RunConfig:
         """Defaults for `device` ("cpu" or "cuda"), then `overrides` (a nested dict) on top."""
         base = cls() if device == "cpu" else cls(
             train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1),
-            infer=InferConfig(gen_batch_size=64, score_batch_size=64, max_new_tokens=160,
-                              n_references=2, list_labels=True),
+            infer=InferConfig(gen_batch_size=64, score_batch_size=16, max_new_tokens=160,
+                              n_references=2, list_labels=True, merge_adapter=True),
         )
         return merge(base, overrides or {})
 

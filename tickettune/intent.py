@@ -17,10 +17,61 @@ from tickettune import prompts
 from tickettune.retrieval import log_softmax
 
 
+LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
+def choose_lm_weight(lm_logp: np.ndarray, emb_logp: np.ndarray, gold: np.ndarray,
+                     grid: tuple[float, ...] = LM_WEIGHTS) -> float:
+    """The LM weight whose ensemble gives the held-out rows' true intents the highest mean
+    log-likelihood (emb weight 1). Ties go to the smaller weight. (Q, C), (Q, C), (Q,) -> w.
+
+    >>> emb = np.log([[0.3, 0.7], [0.6, 0.4]])
+    >>> choose_lm_weight(np.log([[0.9, 0.1], [0.1, 0.9]]), emb, np.array([1, 0]))   # LM always wrong
+    0.0
+    >>> choose_lm_weight(np.log([[0.1, 0.9], [0.9, 0.1]]), emb, np.array([1, 0]))   # LM always right
+    1.0
+    """
+    def loglik(w: float) -> float:
+        return float(log_softmax(w * lm_logp + emb_logp)[np.arange(len(gold)), gold].mean())
+
+    scores = [loglik(w) for w in grid]
+    return grid[int(np.argmax(np.round(scores, 6)))]
+
+
+class HeldOutCalibration:
+    """Hook for `train.fit`: after the intent adapter's first epoch, score the held-out train
+    tickets (unseen by the adapter so far) with it; `weight()` then picks the ensemble's LM
+    weight by their log-likelihood against an embedding classifier fitted without them."""
+
+    def __init__(self, tokenizer, examples, held: set[int], tickets: np.ndarray, replies: np.ndarray,
+                 batch_size: int, labels_in_prompt: bool, autocast):
+        self.tokenizer, self.examples, self.rows = tokenizer, examples, sorted(held)
+        self.tickets, self.replies = tickets, replies
+        self.batch_size, self.labels_in_prompt, self.autocast = batch_size, labels_in_prompt, autocast
+        self.labels = sorted({e.intent for e in examples})
+        self.lm_logp: np.ndarray | None = None
+
+    def __call__(self, model) -> None:
+        if self.rows and len(self.labels) > 1:
+            with self.autocast():
+                self.lm_logp = score_labels(model, self.tokenizer, [self.examples[i].ticket for i in self.rows],
+                                            self.labels, self.batch_size, self.labels_in_prompt)
+
+    def weight(self, default: float) -> float:
+        if self.lm_logp is None:
+            return default
+        from tickettune.retrieval import RetrievalIndex
+
+        keep = [i for i in range(len(self.examples)) if i not in set(self.rows)]
+        index = RetrievalIndex.fit([self.examples[i] for i in keep], self.tickets[keep], self.replies[keep])
+        gold = np.array([self.labels.index(self.examples[i].intent) for i in self.rows])
+        return choose_lm_weight(self.lm_logp, index.intent_logprobs(self.tickets[self.rows]), gold)
+
+
 def combine(lm_logp: np.ndarray, emb_logp: np.ndarray, lm_weight: float, emb_weight: float) -> np.ndarray:
     """Weighted product of experts in log space: (Q, C) x2 -> (Q,) argmax indices (first wins ties)."""
     score = lm_weight * lm_logp + emb_weight * emb_logp
-    return np.argmax(score, axis=1)
+    return np.argmax(np.round(score, 6), axis=1)  # rounding: ties break by label order, not float noise
 
 
 def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_size: int,

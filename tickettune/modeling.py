@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tickettune.config import TrainConfig
+from tickettune.config import InferConfig, TrainConfig
 from tickettune.plan import BUNDLED, BUNDLED_GGUF, Plan, bundled_model_dir
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,43 @@ def load_base(plan: Plan):
     return model, tokenizer
 
 
+INTENT_ADAPTER = "default"   # saved at the root of --weights: adapter_config.json + adapter_model.safetensors
+REPLY_ADAPTER = "reply"      # saved in --weights/reply/
+
+
 def add_lora(model, cfg: TrainConfig):
-    """Wrap `model` with a fresh LoRA adapter on every linear projection (not the LM head)."""
+    """Wrap `model` with fresh LoRA adapters on every linear projection (not the LM head): one for
+    the intent task and, when replies are trained, one for the reply task. Two adapters, because
+    one adapter trained on both tasks made the 135M model answer reply prompts with a label."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora, adapter_name=INTENT_ADAPTER)
+    if cfg.reply_epochs:
+        model.add_adapter(REPLY_ADAPTER, lora)
+    model.set_adapter(INTENT_ADAPTER)
+    return model
+
+
+def use_adapter(model, name: str) -> None:
+    """Activate adapter `name` (intent or reply) when the model has it; the base model otherwise."""
+    if hasattr(model, "peft_config") and name in model.peft_config:
+        model.set_adapter(name)
+
+
+def merge_reply_adapter(model, cfg: InferConfig):
+    """For generation: the base model with the reply adapter merged in (one matmul per projection
+    instead of three: ~3.5x faster decoding on a GPU) when `cfg.merge_adapter`, else the PeftModel
+    with the reply adapter active. Call after intent scoring: merging drops the other adapter."""
+    if not hasattr(model, "peft_config"):
+        return model.eval()
+    if REPLY_ADAPTER not in model.peft_config:  # no reply training: the base model writes replies
+        return model.unload().eval()
+    use_adapter(model, REPLY_ADAPTER)
+    if cfg.merge_adapter:
+        return model.merge_and_unload(adapter_names=[REPLY_ADAPTER]).eval()
+    return model.eval()
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:
@@ -110,7 +140,12 @@ def save_adapter(model, tokenizer, weights_dir: str | Path, meta: dict) -> None:
 
 
 def load_adapter(base_model, weights_dir: str | Path):
-    """The saved adapter on `base_model`, ready for prediction: `PeftModel.from_pretrained`."""
+    """The saved adapters on `base_model`, ready for prediction: `PeftModel.from_pretrained`
+    (the intent adapter at the root), plus the reply adapter from its subfolder when present."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(weights_dir)).eval()
+    model = PeftModel.from_pretrained(base_model, str(weights_dir), adapter_name=INTENT_ADAPTER)
+    if (Path(weights_dir) / REPLY_ADAPTER / "adapter_config.json").is_file():
+        model.load_adapter(str(Path(weights_dir) / REPLY_ADAPTER), adapter_name=REPLY_ADAPTER)
+    model.set_adapter(INTENT_ADAPTER)
+    return model.eval()

@@ -16,7 +16,7 @@ from tickettune.data import Ticket
 from tickettune.generate import generate
 from tickettune.grounding import ground
 from tickettune.intent import combine, score_labels
-from tickettune.modeling import end_of_turn_ids
+from tickettune.modeling import INTENT_ADAPTER, end_of_turn_ids, merge_reply_adapter, use_adapter
 from tickettune.results import Prediction
 from tickettune.retrieval import RetrievalIndex
 
@@ -25,8 +25,12 @@ KEY_FACT_REFERENCES = 3  # nearest same-intent replies consulted for the groundi
 
 
 def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vectors: np.ndarray,
-            cfg: InferConfig, deadline: float | None = None) -> tuple[list[Prediction], list[dict]]:
-    """Predictions in input order, and one diagnostics record per row (scores, references, action)."""
+            cfg: InferConfig, lm_weight: float, deadline: float | None = None) -> tuple[list[Prediction], list[dict]]:
+    """Predictions in input order, and one diagnostics record per row (scores, references, action).
+
+    `model` is the trained PeftModel: the intent adapter scores labels, then the reply adapter
+    (merged into the base weights when `cfg.merge_adapter`; `model` must not be reused after)
+    writes the replies."""
     if not val:
         return [], []
     labels = list(index.labels)
@@ -41,21 +45,28 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
 
     t0 = time.perf_counter()
     emb_logp = index.intent_logprobs(val_vectors)
-    if cfg.lm_weight > 0 and len(labels) > 1:
+    if lm_weight > 0 and len(labels) > 1:
+        use_adapter(model, INTENT_ADAPTER)
         lm_logp = score_labels(model, tokenizer, tickets, labels, cfg.score_batch_size, cfg.list_labels)
     else:
         lm_logp = np.zeros_like(emb_logp)
-    chosen = combine(lm_logp, emb_logp, cfg.lm_weight, cfg.emb_weight)
+    chosen = combine(lm_logp, emb_logp, lm_weight, cfg.emb_weight)
     intents = [labels[c] for c in chosen]
     intent_s = (time.perf_counter() - t0) / len(val)
+    log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(labels))
 
     refs = [[index.examples[i].ideal_reply for i in index.nearest(v, intent, k=KEY_FACT_REFERENCES)]
             for v, intent in zip(val_vectors, intents)]
     prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
                   for t, r in zip(tickets, refs)]
     intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t))[0]) for t in tickets]
+    t1 = time.perf_counter()
+    stop_ids = end_of_turn_ids(model, tokenizer)
+    model = merge_reply_adapter(model, cfg)
     generated = generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
-                         end_of_turn_ids(model, tokenizer), deadline)
+                         stop_ids, deadline)
+    gen_s, new_tokens = time.perf_counter() - t1, sum(g.new_tokens for g in generated)
+    log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", gen_s, new_tokens, new_tokens / max(gen_s, 1e-9))
 
     out, diagnostics, actions = [], [], Counter()
     for row, (t, intent, r, g, n_int) in enumerate(zip(val, intents, refs, generated, intent_tokens)):

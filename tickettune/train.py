@@ -1,12 +1,13 @@
 """LoRA training: build the two tasks' sequences, run the loop, measure an honest val_loss.
 
-The adapter learns (1) ticket -> intent label, with noisy copies of each ticket, every epoch, and
-(2) ticket + retrieved reference replies -> the ideal reply, in the last `reply_epochs` epochs
-(its sequences are ~5x longer, so this is where CPU time goes). Loss is on the assistant turn only.
+Two LoRA adapters on one base model (see `modeling.add_lora`): the intent adapter learns
+ticket -> intent label, with noisy copies of each ticket, for `epochs` epochs; the reply adapter
+learns ticket + retrieved reference replies -> the ideal reply for `reply_epochs` epochs (its
+sequences are ~5x longer: this is where CPU time goes). Loss is on the assistant turn only.
 
 val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row)
-is left out of the first epoch; after that epoch its loss on the tasks trained so far is
-measured, then it joins training for the remaining epochs. The final adapter thus sees every row (with 2-3 rows per intent,
+is left out of each adapter's first epoch; after that epoch its loss is measured, then it joins
+training for the remaining epochs. The final adapter thus sees every row (with 2-3 rows per intent,
 keeping rows out for good costs accuracy) while val_loss is still measured on rows the adapter
 had not trained on. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
 progressive loss of epoch 1: each batch's loss taken before the optimiser step that uses it.
@@ -43,10 +44,13 @@ class Sequence:
 @dataclass
 class TrainResult:
     steps: int
+    tokens: int            # non-padding tokens through forward+backward (for throughput / MFU)
     train_loss: float
     val_loss: float
     history: list[dict]
     stopped_early: bool
+    train_tokens: int = 0  # scored tokens behind train_loss / val_loss, to combine adapters
+    val_tokens: int = 0
 
 
 def build_sequences(examples: list[Example], tokenizer, cfg: TrainConfig, references: list[list[str]],
@@ -91,13 +95,6 @@ def holdout_rows(examples: list[Example], frac: float, seed: int) -> set[int]:
     return set(candidates[:n])
 
 
-def epoch_sequences(seqs: list[Sequence], held: set[int], epoch: int, cfg: TrainConfig) -> list[Sequence]:
-    """What epoch `epoch` (0-based) trains on: intent rows always, reply rows in the last
-    `reply_epochs` epochs, held-out rows from the second epoch on."""
-    reply = epoch >= cfg.epochs - min(cfg.reply_epochs, cfg.epochs)
-    return [s for s in seqs if (reply or s.task == "intent") and (epoch > 0 or s.row not in held)]
-
-
 def batches(seqs: list[Sequence], batch_size: int, rng: random.Random) -> list[list[Sequence]]:
     """Shuffle, then sort within windows of 4 batches by length so padding stays small."""
     order = list(seqs)
@@ -134,9 +131,42 @@ def _loss(model, batch: list[Sequence], pad_id: int, device) -> tuple[object, in
     return out.loss, int((labels[:, 1:] != IGNORE).sum())
 
 
-def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, seed: int,
-          deadline: float | None = None, autocast=contextlib.nullcontext) -> TrainResult:
-    """Run the LoRA loop on `seqs`; rows in `held` join after epoch 1. Stops at `deadline` (monotonic s).
+def fit(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, seed: int,
+        deadline: float | None = None, autocast=contextlib.nullcontext, after_first_epoch=None) -> TrainResult:
+    """Train the intent adapter, then the reply adapter; one combined `TrainResult`.
+
+    `after_first_epoch(model)` runs once the intent adapter has finished its first epoch (the
+    held-out rows are still unseen then): the ensemble is calibrated there.
+    """
+    from tickettune.modeling import INTENT_ADAPTER, REPLY_ADAPTER
+
+    parts = []
+    for task, adapter, epochs, hook in (("intent", INTENT_ADAPTER, cfg.epochs, after_first_epoch),
+                                        ("reply", REPLY_ADAPTER, cfg.reply_epochs, None)):
+        task_seqs = [s for s in seqs if s.task == task]
+        if not epochs or not task_seqs:
+            continue
+        model.set_adapter(adapter)
+        parts.append(train(model, tokenizer, task_seqs, held, cfg, epochs, seed, deadline, autocast, hook, task))
+    model.set_adapter(INTENT_ADAPTER)
+    history = [h for p in parts for h in p.history]
+    return TrainResult(
+        steps=sum(p.steps for p in parts), tokens=sum(p.tokens for p in parts),
+        train_loss=_weighted([(p.train_loss, p.train_tokens) for p in parts]),
+        val_loss=_weighted([(p.val_loss, p.val_tokens) for p in parts]),
+        history=history, stopped_early=any(p.stopped_early for p in parts))
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float:
+    pairs = [(v, n) for v, n in pairs if n and math.isfinite(v)]
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else float("nan")
+
+
+def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, epochs: int, seed: int,
+          deadline: float | None = None, autocast=contextlib.nullcontext, after_first_epoch=None,
+          task: str = "intent") -> TrainResult:
+    """Run the LoRA loop over `seqs` on the active adapter; rows in `held` join after epoch 1.
+    Stops at `deadline` (monotonic s).
 
     `autocast()` wraps the forward passes only: with the optimiser step inside a CPU bf16 autocast
     region the adapter did not learn at all (loss flat at ~7), while forward-only autocast matches
@@ -147,10 +177,9 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     rng = random.Random(seed)
-    epochs = [epoch_sequences(seqs, held, e, cfg) for e in range(cfg.epochs)]
-    first_tasks = {s.task for s in epochs[0]}
-    held_seqs = [s for s in seqs if s.row in held and s.task in first_tasks]
-    total = sum(math.ceil(len(e) / cfg.batch_size) for e in epochs)
+    first = [s for s in seqs if s.row not in held]
+    held_seqs = [s for s in seqs if s.row in held]
+    total = math.ceil(len(first) / cfg.batch_size) + math.ceil(len(seqs) / cfg.batch_size) * (epochs - 1)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -160,15 +189,15 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
 
     history: list[dict] = []
-    step, stopped = 0, False
-    val_loss = float("nan")
+    step, stopped, tokens = 0, False, 0
+    val_loss, val_tokens = float("nan"), 0
     progressive = [0.0, 0]  # loss·tokens and tokens of epoch 1, before each update
     epoch_loss = [0.0, 0]
     model.train()
-    bar = tqdm(total=total, desc="train", unit="step", leave=False)
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=total, desc=f"train {task}", unit="step", leave=False)
+    for epoch in range(epochs):
         epoch_loss = [0.0, 0]
-        for batch in batches(epochs[epoch], cfg.batch_size, rng):
+        for batch in batches(first if epoch == 0 else seqs, cfg.batch_size, rng):
             if step >= total or (deadline is not None and time.monotonic() > deadline):
                 stopped = step < total
                 break
@@ -180,34 +209,38 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
             sched.step()
             opt.zero_grad(set_to_none=True)
             value = float(loss.detach())
+            tokens += sum(len(s.input_ids) for s in batch)
             epoch_loss[0] += value * n_tok
             epoch_loss[1] += n_tok
             if epoch == 0:
                 progressive[0] += value * n_tok
                 progressive[1] += n_tok
             step += 1
-            history.append({"step": step, "epoch": epoch + 1, "loss": round(value, 5)})
+            history.append({"step": step, "epoch": epoch + 1, "task": task, "loss": round(value, 5)})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
-        if epoch == 0 and held_seqs:
-            with autocast():
-                val_loss = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
-            history.append({"step": step, "epoch": 1, "val_loss": round(val_loss, 5)})
+        if epoch == 0:
+            if held_seqs:
+                with autocast():
+                    val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
+                history.append({"step": step, "epoch": 1, "task": task, "val_loss": round(val_loss, 5)})
+            if after_first_epoch is not None:
+                after_first_epoch(model)
             model.train()
         if step >= total or stopped:
             break
     bar.close()
     model.eval()
     if not held_seqs:
-        val_loss = progressive[0] / progressive[1] if progressive[1] else float("nan")
+        val_loss, val_tokens = (progressive[0] / progressive[1], progressive[1]) if progressive[1] else (float("nan"), 0)
     train_loss = epoch_loss[0] / epoch_loss[1] if epoch_loss[1] else float("nan")
     if stopped:
-        log.warning("training stopped early at step %d/%d to fit the time budget", step, total)
-    return TrainResult(step, train_loss, val_loss, history, stopped)
+        log.warning("%s training stopped early at step %d/%d to fit the time budget", task, step, total)
+    return TrainResult(step, tokens, train_loss, val_loss, history, stopped, epoch_loss[1], val_tokens)
 
 
-def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> float:
-    """Token-weighted mean loss of `seqs` without updating anything."""
+def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> tuple[float, int]:
+    """Token-weighted mean loss of `seqs` without updating anything, and the scored token count."""
     import torch
 
     device = next(model.parameters()).device
@@ -219,4 +252,4 @@ def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> fl
             loss, n_tok = _loss(model, ordered[i:i + batch_size], tokenizer.pad_token_id, device)
             total += float(loss) * n_tok
             tokens += n_tok
-    return total / tokens if tokens else float("nan")
+    return (total / tokens if tokens else float("nan")), tokens
