@@ -10,7 +10,8 @@ def test_facts_and_agreement():
     assert {"settings → billing → seats", "$8", "team", "support@northstar.example"} <= facts(REF)
     assert facts("Go to Settings > Billing > Seats") == {"settings → billing → seats"}
     other = "Seats are $8 each on Team; open Settings → Billing → Seats."
-    assert key_facts([REF, other]) == {"settings → billing → seats", "$8", "team"}
+    assert key_facts([other, "Team seats cost $8."]) == {"settings → billing → seats", "$8", "team"}
+    assert key_facts([REF, other]) == facts(REF)
     assert key_facts([]) == set()
 
 
@@ -23,6 +24,12 @@ def test_facts_and_agreement():
 ])
 def test_degenerate(text, finished, reason):
     assert degenerate(text, finished) == reason
+
+
+def test_unsupported_sentence_is_dropped():
+    out = ground("Open Settings → Billing → Seats to add a seat for $8 on Team. Then call 555-0100 for support@northstar.example help.", True, [REF])
+    assert out.reply.startswith("Open Settings → Billing → Seats to add a seat for $8 on Team.")
+    assert "555" not in out.reply and "dropped 1 unsupported" in out.detail
 
 
 def test_good_generation_is_kept():

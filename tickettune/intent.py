@@ -17,7 +17,7 @@ from tickettune import prompts
 from tickettune.retrieval import log_softmax
 
 
-LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def choose_lm_weight(lm_logp: np.ndarray, emb_logp: np.ndarray, gold: np.ndarray,
@@ -29,7 +29,7 @@ def choose_lm_weight(lm_logp: np.ndarray, emb_logp: np.ndarray, gold: np.ndarray
     >>> choose_lm_weight(np.log([[0.9, 0.1], [0.1, 0.9]]), emb, np.array([1, 0]))   # LM always wrong
     0.0
     >>> choose_lm_weight(np.log([[0.1, 0.9], [0.9, 0.1]]), emb, np.array([1, 0]))   # LM always right
-    1.0
+    4.0
     """
     def loglik(w: float) -> float:
         return float(log_softmax(w * lm_logp + emb_logp)[np.arange(len(gold)), gold].mean())

@@ -70,7 +70,7 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
 
     out, diagnostics, actions = [], [], Counter()
     for row, (t, intent, r, g, n_int) in enumerate(zip(val, intents, refs, generated, intent_tokens)):
-        grounded = ground(g.text, g.finished, r, repair=cfg.repair_replies)
+        grounded = ground(g.text, g.finished, r, repair=cfg.repair_replies, ticket=t.ticket)
         actions[grounded.action] += 1
         if grounded.action == "fallback":
             log.info("row %r: %s -> nearest retrieved reply", t.id, grounded.detail)

@@ -66,6 +66,7 @@ def fit_temperature(tickets: np.ndarray, replies: np.ndarray, intent_idx: np.nda
 class RetrievalIndex:
     examples: tuple[Example, ...]
     vectors: np.ndarray        # (N, D) ticket embeddings, L2-normalised
+    replies: np.ndarray        # (N, D) ideal-reply embeddings, L2-normalised
     labels: tuple[str, ...]    # the taxonomy, sorted
     protos: np.ndarray         # (C, D) intent prototypes
     temperature: float
@@ -74,7 +75,7 @@ class RetrievalIndex:
     def fit(cls, examples: list[Example], tickets: np.ndarray, replies: np.ndarray) -> "RetrievalIndex":
         labels = tuple(sorted({e.intent for e in examples}))
         idx = np.array([labels.index(e.intent) for e in examples], dtype=np.int64)
-        return cls(tuple(examples), tickets, labels, prototypes(tickets, replies, idx, len(labels)),
+        return cls(tuple(examples), tickets, replies, labels, prototypes(tickets, replies, idx, len(labels)),
                    fit_temperature(tickets, replies, idx, len(labels)))
 
     def intent_logprobs(self, queries: np.ndarray) -> np.ndarray:
@@ -83,8 +84,10 @@ class RetrievalIndex:
 
     def nearest(self, query: np.ndarray, intent: str | None = None, k: int = 1,
                 exclude: int | None = None) -> list[int]:
-        """Indices of the k train rows whose tickets are most similar to `query` (optionally of one intent)."""
-        sims = self.vectors @ query
+        """Indices of the k train rows most relevant to `query` (optionally of one intent): ranked by
+        cosine to the row's ticket plus cosine to its reply, so that a ticket about a sub-case
+        ("a deleted *board*") finds the reply that covers it."""
+        sims = self.vectors @ query + self.replies @ query
         order = np.argsort(-sims, kind="stable")
         keep = [int(i) for i in order
                 if i != exclude and (intent is None or self.examples[i].intent == intent)]
