@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         reserve = 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
         calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, vectors, reply_vectors,
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels,
-                                                lambda: modeling.autocast(plan))
+                                                lambda: modeling.autocast(plan), cfg.train.augment_copies,
+                                                cfg.seed, embed)
         result = train.fit(model, tokenizer, seqs, held, cfg.train, cfg.seed,
                            deadline=clock.start + cfg.budget_s - reserve, autocast=lambda: modeling.autocast(plan),
-                           after_first_epoch=calibration if cfg.infer.calibrate_lm_weight else None)
+                           on_intent_trained=calibration if cfg.infer.calibrate_lm_weight else None)
         lm_weight = calibration.weight(cfg.infer.lm_weight) if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
         log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
                  result.steps, result.tokens, result.train_loss, result.val_loss, len(held), lm_weight)

@@ -30,7 +30,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lr: float = 2e-3
     epochs: int = 4                 # passes over the intent task (short sequences, cheap)
-    reply_epochs: int = 2           # epochs of the reply adapter (long sequences); 0 = no reply adapter
+    reply_epochs: int = 3           # epochs of the reply adapter (long sequences); 0 = no reply adapter
     max_steps: int = 0              # cap per adapter, 0 = none; tests use a few steps
     batch_size: int = 8
     max_seq_len: int = 384          # tokens per training sequence (prompt + reply)
@@ -51,7 +51,7 @@ class InferConfig:
     calibrate_lm_weight: bool = True  # choose lm_weight on the held-out rows (lm_weight when none)
     emb_weight: float = 1.0         # weight of the embedding classifier's log-probs
     list_labels: bool = False       # show the taxonomy in the intent prompt (helps large models)
-    repair_replies: bool = True     # restore facts a generation dropped (see grounding.py)
+    repair_replies: bool = True     # grounding rules 3-4: drop unsupported, restore facts, consensus check
     merge_adapter: bool = False     # merge LoRA into the base weights for prediction (after saving)
 
 

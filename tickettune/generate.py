@@ -28,8 +28,8 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int
     """Greedy continuations of `prompts_ids`, in input order. Rows past `deadline` are not run."""
     results: list[Generated | None] = [None] * len(prompts_ids)
     bar = tqdm(total=len(prompts_ids), desc="reply", unit="ticket", leave=False)
-    for start in range(0, len(prompts_ids), batch_size):
-        rows = list(range(start, min(start + batch_size, len(prompts_ids))))
+    for start, stop in balanced_batches(len(prompts_ids), batch_size):
+        rows = list(range(start, stop))
         if deadline is not None and time.monotonic() > deadline:
             log.warning("time budget reached: %d rows get the retrieved reply", len(prompts_ids) - start)
             for i in range(start, len(prompts_ids)):
@@ -41,6 +41,20 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int
         bar.update(len(rows))
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def balanced_batches(n: int, max_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the fewest batches of at most `max_size` rows, sizes differing by <= 1:
+    50 rows at 16 -> 12, 13, 13, 12 (not 16, 16, 16, 2: a batch costs its longest reply's steps).
+
+    >>> balanced_batches(50, 16)
+    [(0, 12), (12, 25), (25, 38), (38, 50)]
+    """
+    if n == 0:
+        return []
+    count = -(-n // max_size)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(count)]
 
 
 def _generate_or_split(model, tokenizer, batch: list[list[int]], max_new_tokens: int,

@@ -12,8 +12,14 @@ Pure text. The rule, decided without labels:
    reply is used. Each key fact the rest dropped is restored by appending the reference sentence
    that states it (in reference order, each sentence once). A reply cut by the token limit is
    trimmed to its last full sentence first.
+4. Finally the grounded generation competes with the nearest reference by consensus
+   (minimum-Bayes-risk selection, `prefer_generation`): each candidate's mean embedding cosine
+   to the retrieved replies other than itself; the generation is kept unless the reference's
+   consensus is higher, i.e. unless the generation strayed further from what the company
+   usually says than the reference itself does.
 Measured on the two sample sets with the same generations: must-mention 0.78/0.80 with
-"shared facts only" -> 0.84/0.86 with this rule.
+"shared facts only" -> 0.84/0.86 with rules 1-3; reply similarity 0.728/0.775 -> 0.735/0.783
+with rule 4, the generation kept in 34/50 and 39/50 rows.
 
 Does not judge style or correctness beyond these checks.
 """
@@ -23,6 +29,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 from tickettune.prompts import REPLY_SYSTEM
 
@@ -157,3 +165,23 @@ def ground(generated: str | None, finished: bool, references: list[str], repair:
         return Grounded(reply, "generated")
     return Grounded(" ".join([reply] + added), "repaired",
                     f"dropped {dropped} unsupported, restored {len(added)} sentence(s)")
+
+
+def prefer_generation(generation: np.ndarray, references: np.ndarray) -> bool:
+    """Rule 4: keep the generation unless the nearest reference has the higher consensus.
+
+    generation: (D,) embedding of the grounded generation; references: (K, D) embeddings of the
+    retrieved replies, nearest first, all L2-normalised. With one reference there is nothing to
+    compare against, and the generation is kept.
+
+    >>> refs = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    >>> prefer_generation(np.array([0.8, 0.6]), refs)   # as typical as the nearest reply: kept
+    True
+    >>> prefer_generation(np.array([0.0, -1.0]), refs)  # strayed: the nearest reply is used
+    False
+    """
+    if len(references) < 2:
+        return True
+    generation_consensus = float(np.mean(references @ generation))
+    reference_consensus = float(np.mean(references[1:] @ references[0]))
+    return generation_consensus >= reference_consensus

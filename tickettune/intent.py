@@ -39,23 +39,34 @@ def choose_lm_weight(lm_logp: np.ndarray, emb_logp: np.ndarray, gold: np.ndarray
 
 
 class HeldOutCalibration:
-    """Hook for `train.fit`: after the intent adapter's first epoch, score the held-out train
-    tickets (unseen by the adapter so far) with it; `weight()` then picks the ensemble's LM
-    weight by their log-likelihood against an embedding classifier fitted without them."""
+    """Hook for `train.fit`: once the intent adapter is trained (it never saw the held-out rows),
+    score the held-out tickets — and noisy copies of them, so that robustness to paraphrase
+    counts — with it; `weight()` then picks the ensemble's LM weight by their log-likelihood
+    against an embedding classifier fitted without those rows."""
 
     def __init__(self, tokenizer, examples, held: set[int], tickets: np.ndarray, replies: np.ndarray,
-                 batch_size: int, labels_in_prompt: bool, autocast):
+                 batch_size: int, labels_in_prompt: bool, autocast, copies: int, seed: int, embed):
+        import random
+
+        from tickettune.augment import noisy_copies
+
         self.tokenizer, self.examples, self.rows = tokenizer, examples, sorted(held)
-        self.tickets, self.replies = tickets, replies
+        self.tickets, self.replies, self.embed = tickets, replies, embed
         self.batch_size, self.labels_in_prompt, self.autocast = batch_size, labels_in_prompt, autocast
         self.labels = sorted({e.intent for e in examples})
+        rng = random.Random(seed + 1)
+        self.texts, self.gold = [], []
+        for i in self.rows:
+            for text in [examples[i].ticket] + noisy_copies(examples[i].ticket, copies, rng):
+                self.texts.append(text)
+                self.gold.append(self.labels.index(examples[i].intent))
         self.lm_logp: np.ndarray | None = None
 
     def __call__(self, model) -> None:
         if self.rows and len(self.labels) > 1:
             with self.autocast():
-                self.lm_logp = score_labels(model, self.tokenizer, [self.examples[i].ticket for i in self.rows],
-                                            self.labels, self.batch_size, self.labels_in_prompt)
+                self.lm_logp = score_labels(model, self.tokenizer, self.texts, self.labels, self.batch_size,
+                                            self.labels_in_prompt)
 
     def weight(self, default: float) -> float:
         if self.lm_logp is None:
@@ -64,8 +75,8 @@ class HeldOutCalibration:
 
         keep = [i for i in range(len(self.examples)) if i not in set(self.rows)]
         index = RetrievalIndex.fit([self.examples[i] for i in keep], self.tickets[keep], self.replies[keep])
-        gold = np.array([self.labels.index(self.examples[i].intent) for i in self.rows])
-        return choose_lm_weight(self.lm_logp, index.intent_logprobs(self.tickets[self.rows]), gold)
+        emb_logp = index.intent_logprobs(self.embed(self.texts))
+        return choose_lm_weight(self.lm_logp, emb_logp, np.array(self.gold))
 
 
 def combine(lm_logp: np.ndarray, emb_logp: np.ndarray, lm_weight: float, emb_weight: float) -> np.ndarray:

@@ -14,7 +14,7 @@ from tickettune import prompts
 from tickettune.config import InferConfig
 from tickettune.data import Ticket
 from tickettune.generate import generate
-from tickettune.grounding import ground
+from tickettune.grounding import Grounded, ground, prefer_generation
 from tickettune.intent import combine, score_labels
 from tickettune.modeling import INTENT_ADAPTER, end_of_turn_ids, merge_reply_adapter, use_adapter
 from tickettune.results import Prediction
@@ -55,8 +55,8 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
     intent_s = (time.perf_counter() - t0) / len(val)
     log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(labels))
 
-    refs = [[index.examples[i].ideal_reply for i in index.nearest(v, intent, k=KEY_FACT_REFERENCES)]
-            for v, intent in zip(val_vectors, intents)]
+    ref_rows = [index.nearest(v, intent, k=KEY_FACT_REFERENCES) for v, intent in zip(val_vectors, intents)]
+    refs = [[index.examples[i].ideal_reply for i in rows] for rows in ref_rows]
     prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
                   for t, r in zip(tickets, refs)]
     intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t))[0]) for t in tickets]
@@ -68,9 +68,18 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
     gen_s, new_tokens = time.perf_counter() - t1, sum(g.new_tokens for g in generated)
     log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", gen_s, new_tokens, new_tokens / max(gen_s, 1e-9))
 
+    grounded_all = [ground(g.text, g.finished, r, repair=cfg.repair_replies, ticket=t.ticket)
+                    for t, g, r in zip(val, generated, refs)]
+    if cfg.repair_replies:
+        from tickettune.embeddings import embed
+
+        vectors = embed([gr.reply or " " for gr in grounded_all])
+        grounded_all = [gr if gr.action == "fallback" or not r or prefer_generation(v, index.replies[rows])
+                        else Grounded(r[0].strip(), "fallback", "nearest reply has the higher consensus")
+                        for gr, v, r, rows in zip(grounded_all, vectors, refs, ref_rows)]
     out, diagnostics, actions = [], [], Counter()
-    for row, (t, intent, r, g, n_int) in enumerate(zip(val, intents, refs, generated, intent_tokens)):
-        grounded = ground(g.text, g.finished, r, repair=cfg.repair_replies, ticket=t.ticket)
+    for row, (t, intent, r, g, n_int, grounded) in enumerate(
+            zip(val, intents, refs, generated, intent_tokens, grounded_all)):
         actions[grounded.action] += 1
         if grounded.action == "fallback":
             log.info("row %r: %s -> nearest retrieved reply", t.id, grounded.detail)

@@ -5,9 +5,13 @@ ticket -> intent label, with noisy copies of each ticket, for `epochs` epochs; t
 learns ticket + retrieved reference replies -> the ideal reply for `reply_epochs` epochs (its
 sequences are ~5x longer: this is where CPU time goes). Loss is on the assistant turn only.
 
-val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row)
-is left out of each adapter's first epoch; after that epoch its loss is measured, then it joins
-training for the remaining epochs. The final adapter thus sees every row (with 2-3 rows per intent,
+val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row) is
+held out. The intent adapter never trains on it: its loss there is measured at the end, and the
+same rows calibrate the ensemble (see `intent.HeldOutCalibration`) — the embedding classifier
+and the reply adapter still use every row, so the taxonomy loses nothing. The reply adapter
+leaves the slice out of its first epoch only, measures its loss after that epoch, and then
+trains on every row (with 2-3 rows per intent, a reply row kept out for good costs facts).
+val_loss is the token-weighted mean of the two. The final adapter thus sees every row (with 2-3 rows per intent,
 keeping rows out for good costs accuracy) while val_loss is still measured on rows the adapter
 had not trained on. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
 progressive loss of epoch 1: each batch's loss taken before the optimiser step that uses it.
@@ -125,29 +129,42 @@ def collate(batch: list[Sequence], pad_id: int, device):
 
 
 def _loss(model, batch: list[Sequence], pad_id: int, device) -> tuple[object, int]:
-    """Mean token loss of the batch (a tensor) and the number of scored tokens."""
+    """Mean token loss of the batch (a tensor) and the number of scored tokens.
+
+    The LM head runs only on positions that predict an assistant token: most positions are
+    prompt, and full (B, T, vocab) logits were the largest tensor of a step (SmolLM2's head is
+    a fifth of its parameters)."""
+    import torch
+
     ids, mask, labels = collate(batch, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    return out.loss, int((labels[:, 1:] != IGNORE).sum())
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state   # (B, T, H)
+    target = labels[:, 1:]                                                              # (B, T-1)
+    scored = target != IGNORE
+    logits = causal.get_output_embeddings()(hidden[:, :-1][scored])                     # (n, V)
+    loss = torch.nn.functional.cross_entropy(logits.float(), target[scored])
+    return loss, int(scored.sum())
 
 
 def fit(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, seed: int,
-        deadline: float | None = None, autocast=contextlib.nullcontext, after_first_epoch=None) -> TrainResult:
+        deadline: float | None = None, autocast=contextlib.nullcontext, on_intent_trained=None) -> TrainResult:
     """Train the intent adapter, then the reply adapter; one combined `TrainResult`.
 
-    `after_first_epoch(model)` runs once the intent adapter has finished its first epoch (the
-    held-out rows are still unseen then): the ensemble is calibrated there.
+    `on_intent_trained(model)` runs when the intent adapter is trained, before the reply adapter
+    starts: the ensemble is calibrated there on the held-out rows it never saw.
     """
     from tickettune.modeling import INTENT_ADAPTER, REPLY_ADAPTER
 
     parts = []
-    for task, adapter, epochs, hook in (("intent", INTENT_ADAPTER, cfg.epochs, after_first_epoch),
-                                        ("reply", REPLY_ADAPTER, cfg.reply_epochs, None)):
+    for task, adapter, epochs, join in (("intent", INTENT_ADAPTER, cfg.epochs, False),
+                                        ("reply", REPLY_ADAPTER, cfg.reply_epochs, True)):
         task_seqs = [s for s in seqs if s.task == task]
         if not epochs or not task_seqs:
             continue
         model.set_adapter(adapter)
-        parts.append(train(model, tokenizer, task_seqs, held, cfg, epochs, seed, deadline, autocast, hook, task))
+        parts.append(train(model, tokenizer, task_seqs, held, cfg, epochs, seed, deadline, autocast, join, task))
+        if task == "intent" and on_intent_trained is not None:
+            on_intent_trained(model)
     model.set_adapter(INTENT_ADAPTER)
     history = [h for p in parts for h in p.history]
     return TrainResult(
@@ -163,10 +180,11 @@ def _weighted(pairs: list[tuple[float, int]]) -> float:
 
 
 def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, epochs: int, seed: int,
-          deadline: float | None = None, autocast=contextlib.nullcontext, after_first_epoch=None,
+          deadline: float | None = None, autocast=contextlib.nullcontext, join: bool = True,
           task: str = "intent") -> TrainResult:
-    """Run the LoRA loop over `seqs` on the active adapter; rows in `held` join after epoch 1.
-    Stops at `deadline` (monotonic s).
+    """Run the LoRA loop over `seqs` on the active adapter. Rows in `held` join after epoch 1 when
+    `join` (val_loss measured then), else never (val_loss measured at the end). Stops at
+    `deadline` (monotonic s).
 
     `autocast()` wraps the forward passes only: with the optimiser step inside a CPU bf16 autocast
     region the adapter did not learn at all (loss flat at ~7), while forward-only autocast matches
@@ -179,7 +197,8 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     rng = random.Random(seed)
     first = [s for s in seqs if s.row not in held]
     held_seqs = [s for s in seqs if s.row in held]
-    total = math.ceil(len(first) / cfg.batch_size) + math.ceil(len(seqs) / cfg.batch_size) * (epochs - 1)
+    later = seqs if join else first
+    total = math.ceil(len(first) / cfg.batch_size) + math.ceil(len(later) / cfg.batch_size) * (epochs - 1)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +216,7 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     bar = tqdm(total=total, desc=f"train {task}", unit="step", leave=False)
     for epoch in range(epochs):
         epoch_loss = [0.0, 0]
-        for batch in batches(first if epoch == 0 else seqs, cfg.batch_size, rng):
+        for batch in batches(first if epoch == 0 else later, cfg.batch_size, rng):
             if step >= total or (deadline is not None and time.monotonic() > deadline):
                 stopped = step < total
                 break
@@ -219,15 +238,13 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
             history.append({"step": step, "epoch": epoch + 1, "task": task, "loss": round(value, 5)})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
-        if epoch == 0:
-            if held_seqs:
-                with autocast():
-                    val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
-                history.append({"step": step, "epoch": 1, "task": task, "val_loss": round(val_loss, 5)})
-            if after_first_epoch is not None:
-                after_first_epoch(model)
+        last = epoch == epochs - 1 or step >= total or stopped
+        if held_seqs and ((join and epoch == 0) or (not join and last)):
+            with autocast():
+                val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
+            history.append({"step": step, "epoch": epoch + 1, "task": task, "val_loss": round(val_loss, 5)})
             model.train()
-        if step >= total or stopped:
+        if last:
             break
     bar.close()
     model.eval()
