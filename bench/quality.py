@@ -113,12 +113,15 @@ def main() -> int:
     p.add_argument("--config", help="run.py --config file (e.g. tiny settings for CI)")
     p.add_argument("--limit-val", type=int, default=0, help="only the first N val rows")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
+    p.add_argument("--keep", type=Path, help="keep tickettune's results and weights in this folder")
     args = p.parse_args()
     train_path = args.train or args.data / "train.jsonl"
     val_path = args.val or args.data / "val.jsonl"
     labels_path = args.labels or args.data / "val_labels.jsonl"
     train, val, labels = load_train(train_path), load_val(val_path), load_labels(labels_path)
     with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if args.limit_val:
             val, labels = val[:args.limit_val], labels[:args.limit_val]
             val_path = Path(tmp) / "val.jsonl"
@@ -126,7 +129,7 @@ def main() -> int:
         table: dict[str, dict] = {}
         knn, knn_wall = knn_copy(train, val)
         table["knn-copy"] = evaluate(labels, knn) | {"wall s": knn_wall, "peak MB": None}
-        results, weights, wall, peak = run_tickettune(train_path, val_path, args.config, Path(tmp))
+        results, weights, wall, peak = run_tickettune(train_path, val_path, args.config, work)
         for name, res in variants_from_diagnostics(train, val, results, weights).items():
             table[name] = evaluate(labels, res) | {"wall s": wall, "peak MB": peak}
         table["tickettune"] = evaluate(labels, results) | {"wall s": wall, "peak MB": peak}

@@ -36,6 +36,14 @@ def test_batches_cover_every_sequence_once_and_are_deterministic():
     assert [[s.row for s in b] for b in a] == [[s.row for s in b] for b in batches(seqs, 2, random.Random(1))]
 
 
+def test_token_cap_splits_long_rows_but_keeps_every_sequence():
+    seqs = [Sequence([1] * n, [1] * n, i) for i, n in enumerate([300, 290, 310, 20, 25, 30, 22, 305])]
+    out = batches(seqs, 8, random.Random(0), max_tokens=700)
+    assert sorted(s.row for b in out for s in b) == list(range(8))
+    assert all(len(b) * max(len(s.input_ids) for s in b) <= 700 for b in out)
+    assert max(len(b) for b in out) == 4  # the four short rows still share a batch
+
+
 def test_noisy_copies_differ_from_the_original_and_repeat_with_the_seed():
     text = "Hello, how do I add two more seats to our Team plan?"
     copies = noisy_copies(text, 6, random.Random(0))

@@ -33,6 +33,7 @@ class TrainConfig:
     reply_epochs: int = 3           # epochs of the reply adapter (long sequences); 0 = no reply adapter
     max_steps: int = 0              # cap per adapter, 0 = none; tests use a few steps
     batch_size: int = 8
+    max_batch_tokens: int = 1600    # padded tokens per batch, 0 = no cap: bounds activation memory (CPU RSS)
     max_seq_len: int = 384          # tokens per training sequence (prompt + reply)
     warmup_frac: float = 0.1
     weight_decay: float = 0.0
@@ -71,7 +72,7 @@ class RunConfig:
     def for_plan(cls, device: str, overrides: dict[str, Any] | None = None) -> "RunConfig":
         """Defaults for `device` ("cpu" or "cuda"), then `overrides` (a nested dict) on top."""
         base = cls() if device == "cpu" else cls(
-            train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1),
+            train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1, max_batch_tokens=0),
             infer=InferConfig(gen_batch_size=64, score_batch_size=16, max_new_tokens=160,
                               n_references=2, list_labels=True, merge_adapter=True),
         )
@@ -135,6 +136,7 @@ def validate(cfg: RunConfig) -> list[str]:
         (t.reply_epochs >= 0, "train.reply_epochs must be >= 0"),
         (t.max_steps >= 0, "train.max_steps must be >= 0"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.max_batch_tokens >= 0, "train.max_batch_tokens must be >= 0"),
         (t.max_seq_len >= 32, "train.max_seq_len must be >= 32"),
         (0 <= t.warmup_frac < 1, "train.warmup_frac must be in [0, 1)"),
         (0 <= t.holdout_frac < 1, "train.holdout_frac must be in [0, 1)"),

@@ -45,7 +45,7 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
 
     t0 = time.perf_counter()
     emb_logp = index.intent_logprobs(val_vectors)
-    if lm_weight > 0 and len(labels) > 1:
+    if cfg.lm_weight + lm_weight > 0 and len(labels) > 1:  # scored even at weight 0: diagnostics
         use_adapter(model, INTENT_ADAPTER)
         lm_logp = score_labels(model, tokenizer, tickets, labels, cfg.score_batch_size, cfg.list_labels)
     else:

@@ -174,14 +174,21 @@ def plot_confusion(path: str | Path, gold: list[str], predicted: list[str], coun
 
 
 def plot_loss(path: str | Path, history: list[dict]) -> None:
+    """One train line (and val points) per adapter/task: each adapter's steps start at 1."""
     plt = _pyplot()
-    train = [(e["step"], e["loss"]) for e in history if isinstance(e.get("loss"), (int, float))]
-    val = [(e["step"], e["val_loss"]) for e in history if isinstance(e.get("val_loss"), (int, float))]
     fig, ax = plt.subplots(figsize=(7.5, 3.8), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.6)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", color="#d62728", linewidth=1.4, markersize=4)
+    tasks = list(dict.fromkeys(str(e.get("task", "")) for e in history))
+    colors = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
+    for k, task in enumerate(tasks):
+        rows = [e for e in history if str(e.get("task", "")) == task]
+        name = f"{task} " if task else ""
+        train = [(e["step"], e["loss"]) for e in rows if isinstance(e.get("loss"), (int, float))]
+        val = [(e["step"], e["val_loss"]) for e in rows if isinstance(e.get("val_loss"), (int, float))]
+        if train:
+            ax.plot(*zip(*train), label=f"{name}train loss", color=colors[k % len(colors)], linewidth=1.6)
+        if val:
+            ax.plot(*zip(*val), "o", label=f"{name}val loss (held-out rows)", color=colors[k % len(colors)],
+                    markersize=7, markeredgecolor="#d62728", markeredgewidth=2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

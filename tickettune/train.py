@@ -99,15 +99,24 @@ def holdout_rows(examples: list[Example], frac: float, seed: int) -> set[int]:
     return set(candidates[:n])
 
 
-def batches(seqs: list[Sequence], batch_size: int, rng: random.Random) -> list[list[Sequence]]:
-    """Shuffle, then sort within windows of 4 batches by length so padding stays small."""
+def batches(seqs: list[Sequence], batch_size: int, rng: random.Random, max_tokens: int = 0) -> list[list[Sequence]]:
+    """Shuffle, sort within windows of 4 batches by length (little padding), then cut batches of at
+    most `batch_size` rows and, when `max_tokens`, at most that many padded tokens: short intent
+    rows travel in full batches while long reply rows do not blow up activation memory."""
     order = list(seqs)
     rng.shuffle(order)
     window = batch_size * 4
-    out = []
+    out: list[list[Sequence]] = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda s: len(s.input_ids))
-        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batch: list[Sequence] = []
+        for seq in sorted(order[start:start + window], key=lambda s: len(s.input_ids)):
+            width = max([len(seq.input_ids)] + [len(s.input_ids) for s in batch])
+            if batch and (len(batch) == batch_size or (max_tokens and width * (len(batch) + 1) > max_tokens)):
+                out.append(batch)
+                batch = []
+            batch.append(seq)
+        if batch:
+            out.append(batch)
     rng.shuffle(out)
     return out
 
@@ -198,7 +207,9 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     first = [s for s in seqs if s.row not in held]
     held_seqs = [s for s in seqs if s.row in held]
     later = seqs if join else first
-    total = math.ceil(len(first) / cfg.batch_size) + math.ceil(len(later) / cfg.batch_size) * (epochs - 1)
+    # batches are drawn per epoch (seeded), so the step count is known before training starts
+    plan = [batches(first if e == 0 else later, cfg.batch_size, rng, cfg.max_batch_tokens) for e in range(epochs)]
+    total = sum(len(p) for p in plan)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -216,7 +227,7 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     bar = tqdm(total=total, desc=f"train {task}", unit="step", leave=False)
     for epoch in range(epochs):
         epoch_loss = [0.0, 0]
-        for batch in batches(first if epoch == 0 else later, cfg.batch_size, rng):
+        for batch in plan[epoch]:
             if step >= total or (deadline is not None and time.monotonic() > deadline):
                 stopped = step < total
                 break
