@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d train rows, %d intents, %d val rows", len(train_rows), len(data.taxonomy(train_rows)), len(val_rows))
     log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
 
-    from tickettune import intent, modeling, predict, retrieval, train  # heavy imports after validation
+    from tickettune import modeling, predict, retrieval  # heavy imports after validation
     from tickettune.embeddings import embed
     from tickettune.results import TrainingStats, write_json_atomic, write_jsonl, write_results
 
@@ -76,25 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         reply_vectors = embed([r.ideal_reply for r in train_rows])
         index = retrieval.RetrievalIndex.fit(train_rows, vectors, reply_vectors)
     with clock.stage("train"):
-        modeling.seed_everything(cfg.seed, plan.device)  # LoRA init draws from the global RNG
+        modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
         model = modeling.add_lora(model, cfg.train)
-        references = [[train_rows[j].ideal_reply for j in index.nearest(v, r.intent, cfg.infer.n_references, exclude=i)]
-                      for i, (r, v) in enumerate(zip(train_rows, vectors))]
-        labels_in_prompt = list(index.labels) if cfg.infer.list_labels else None
-        seqs = train.build_sequences(train_rows, tokenizer, cfg.train, references, labels_in_prompt,
-                                     cfg.infer.max_ticket_tokens, cfg.seed)
-        held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
-        reserve = 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
-        calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, vectors, reply_vectors,
-                                                cfg.infer.score_batch_size, cfg.infer.list_labels,
-                                                lambda: modeling.autocast(plan), cfg.train.augment_copies,
-                                                cfg.seed, embed)
-        result = train.fit(model, tokenizer, seqs, held, cfg.train, cfg.seed,
-                           deadline=clock.start + cfg.budget_s - reserve, autocast=lambda: modeling.autocast(plan),
-                           on_intent_trained=calibration if cfg.infer.calibrate_lm_weight else None)
-        lm_weight = calibration.weight(cfg.infer.lm_weight) if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
-        log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
-                 result.steps, result.tokens, result.train_loss, result.val_loss, len(held), lm_weight)
+        result, lm_weight, held = fit_adapters(model, tokenizer, train_rows, index, vectors, reply_vectors, cfg, plan,
+                                               deadline=clock.start + cfg.budget_s - reserve_s(plan, val_rows))
     with clock.stage("save adapter"):
         modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result, lm_weight))
         write_json_atomic(Path(args.weights) / "loss_history.json", result.history)
@@ -116,6 +101,36 @@ def main(argv: list[str] | None = None) -> int:
 
 class PathError(ValueError):
     pass
+
+
+def reserve_s(plan, val_rows: list) -> float:
+    """Seconds kept for prediction when training checks the budget (pessimistic per-row cost)."""
+    return 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
+
+
+def fit_adapters(model, tokenizer, train_rows, index, vectors, reply_vectors, cfg, plan, deadline: float):
+    """Build both tasks' sequences, train the intent and reply adapters, calibrate the ensemble.
+    Returns (TrainResult, ensemble LM weight, held-out rows)."""
+    from tickettune import intent, modeling, train
+    from tickettune.embeddings import embed
+
+    references = [[train_rows[j].ideal_reply for j in index.nearest(v, r.intent, cfg.infer.n_references, exclude=i)]
+                  for i, (r, v) in enumerate(zip(train_rows, vectors))]
+    labels_in_prompt = list(index.labels) if cfg.infer.list_labels else None
+    seqs = train.build_sequences(train_rows, tokenizer, cfg.train, references, labels_in_prompt,
+                                 cfg.infer.max_ticket_tokens, cfg.seed)
+    held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
+    autocast = lambda: modeling.autocast(plan)  # noqa: E731
+    calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, vectors, reply_vectors,
+                                            cfg.infer.score_batch_size, cfg.infer.list_labels, autocast,
+                                            cfg.train.augment_copies, cfg.seed, embed)
+    calibrate = cfg.infer.calibrate_lm_weight
+    result = train.fit(model, tokenizer, seqs, held, cfg.train, cfg.seed, deadline=deadline, autocast=autocast,
+                       on_intent_trained=calibration if calibrate else None)
+    lm_weight = calibration.weight(cfg.infer.lm_weight) if calibrate else cfg.infer.lm_weight
+    log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
+             result.steps, result.tokens, result.train_loss, result.val_loss, len(held), lm_weight)
+    return result, lm_weight, held
 
 
 def load_inputs(train_path: str, val_path: str) -> tuple[list[data.Example], list[data.Ticket]]:
