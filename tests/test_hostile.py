@@ -105,7 +105,7 @@ def test_no_trust_remote_code_anywhere():
 
 HOSTILE = [
     {"id": "empty", "ticket": ""},
-    {"id": "huge", "ticket": "Please help with billing. " * 4000},   # 100,000 characters
+    {"id": "huge", "ticket": ("Please help with billing. " * 4000)[:100_000]},   # 100,000 characters
     {"id": "emoji", "ticket": "🔥🔥 can't log in 😡😡 2FA broken!!! 🙏"},
     {"id": "rtl", "ticket": "مرحبا، كيف يمكنني إضافة مقعد؟ how do I add a seat"},
     {"id": "html", "ticket": "<script>alert(1)</script><b>Invoice</b> missing &amp; wrong"},
