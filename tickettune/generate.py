@@ -27,7 +27,7 @@ def generate(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int
              stop_ids: list[int], deadline: float | None = None) -> list[Generated]:
     """Greedy continuations of `prompts_ids`, in input order. Rows past `deadline` are not run."""
     results: list[Generated | None] = [None] * len(prompts_ids)
-    bar = tqdm(total=len(prompts_ids), desc="reply", unit="ticket", leave=False)
+    bar = tqdm(total=len(prompts_ids), desc="reply", unit="ticket", leave=False, disable=None)
     for start, stop in balanced_batches(len(prompts_ids), batch_size):
         rows = list(range(start, stop))
         if deadline is not None and time.monotonic() > deadline:

@@ -103,7 +103,7 @@ def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_
     lab, lab_mask = lab.to(device), lab_mask.to(device)
 
     out = np.zeros((len(tickets), n_lab), dtype=np.float64)
-    bar = tqdm(total=len(tickets), desc="intent", unit="ticket", leave=False)
+    bar = tqdm(total=len(tickets), desc="intent", unit="ticket", leave=False, disable=None)
     for start in range(0, len(tickets), batch_size):
         chunk = tickets[start:start + batch_size]
         encoded = [prompts.render(tokenizer, prompts.intent_messages(t, shown))[0] for t in chunk]

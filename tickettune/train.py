@@ -224,7 +224,7 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     progressive = [0.0, 0]  # loss·tokens and tokens of epoch 1, before each update
     epoch_loss = [0.0, 0]
     model.train()
-    bar = tqdm(total=total, desc=f"train {task}", unit="step", leave=False)
+    bar = tqdm(total=total, desc=f"train {task}", unit="step", leave=False, disable=None)
     for epoch in range(epochs):
         epoch_loss = [0.0, 0]
         for batch in plan[epoch]:
