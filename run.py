@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="labelled JSONL: id, ticket, intent, ideal_reply")
     p.add_argument("--val", required=True, help="input JSONL: id, ticket")
-    p.add_argument("--weights", required=True, help="folder for the adapter (created if missing)")
+    p.add_argument("--weights", required=True, help="folder for the adapters, tokenizer and run metadata (created if missing)")
     p.add_argument("--output", required=True, help="results JSON file (written atomically)")
     p.add_argument("--seed", type=int, default=None, help="seed for everything (else $TICKETTUNE_SEED, else 0)")
     p.add_argument("--base-model", default=None,
