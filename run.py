@@ -120,12 +120,12 @@ def fit_adapters(model, tokenizer, train_rows, index, vectors, reply_vectors, cf
     seqs = train.build_sequences(train_rows, tokenizer, cfg.train, references, labels_in_prompt,
                                  cfg.infer.max_ticket_tokens, cfg.seed)
     held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
-    autocast = lambda: modeling.autocast(plan)  # noqa: E731
     calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, vectors, reply_vectors,
-                                            cfg.infer.score_batch_size, cfg.infer.list_labels, autocast,
-                                            cfg.train.augment_copies, cfg.seed, embed)
+                                            cfg.infer.score_batch_size, cfg.infer.list_labels,
+                                            lambda: modeling.autocast(plan), cfg.train.augment_copies, cfg.seed, embed)
     calibrate = cfg.infer.calibrate_lm_weight
-    result = train.fit(model, tokenizer, seqs, held, cfg.train, cfg.seed, deadline=deadline, autocast=autocast,
+    result = train.fit(model, tokenizer, seqs, held, cfg.train, cfg.seed, deadline=deadline,
+                       autocast=lambda: modeling.training_context(plan),
                        on_intent_trained=calibration if calibrate else None)
     lm_weight = calibration.weight(cfg.infer.lm_weight) if calibrate else cfg.infer.lm_weight
     log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",

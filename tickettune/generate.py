@@ -85,7 +85,10 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: in
     for i, p in enumerate(batch):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+    # greedy; the model's own repetition penalty (Qwen2.5-Instruct: 1.05) is kept, sampling knobs are off
+    penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
+                              top_p=None, top_k=None, repetition_penalty=penalty,
                               eos_token_id=stop_ids, pad_token_id=pad)
     t0 = time.perf_counter()
     with torch.no_grad():

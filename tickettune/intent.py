@@ -107,7 +107,11 @@ def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_
     for start in range(0, len(tickets), batch_size):
         chunk = tickets[start:start + batch_size]
         encoded = [prompts.render(tokenizer, prompts.intent_messages(t, shown))[0] for t in chunk]
-        out[start:start + len(chunk)] = _score_chunk(model, encoded, lab, lab_mask, tokenizer.pad_token_id)
+        scores = _score_chunk(model, encoded, lab, lab_mask, tokenizer.pad_token_id)
+        if not np.isfinite(scores).all():  # some GPU attention kernels give NaN on left-padded rows
+            scores = np.concatenate([_score_chunk(model, [e], lab, lab_mask, tokenizer.pad_token_id)
+                                     for e in encoded])
+        out[start:start + len(chunk)] = scores
         bar.update(len(chunk))
     bar.close()
     return log_softmax(out)
@@ -127,7 +131,7 @@ def _score_chunk(model, encoded: list[list[int]], lab, lab_mask, pad_id: int) ->
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = first.past_key_values
         cache.batch_repeat_interleave(n_lab)                                 # (B*L, ...)
         last = torch.log_softmax(first.logits[:, -1].float(), dim=-1)        # (B, V)

@@ -31,10 +31,14 @@ def seed_everything(seed: int, device: str = "cpu") -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # not needed: we never read empty tensors
     if device == "cuda":
         torch.cuda.manual_seed_all(seed)
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
+        # cuDNN attention backward returns NaN gradients on H100/H200 for some masked (padded)
+        # lengths since torch 2.11 (pytorch#196678); the other SDPA kernels are unaffected
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def autocast(plan: Plan):
@@ -46,6 +50,22 @@ def autocast(plan: Plan):
     if plan.autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=plan.device, dtype=getattr(torch, plan.autocast))
+
+
+def training_context(plan: Plan):
+    """Context for training forwards: `autocast(plan)`, and on a GPU the math attention kernel,
+    whose backward is deterministic (memory-efficient attention's backward uses atomics and
+    only warns under `use_deterministic_algorithms(warn_only=True)`)."""
+    import contextlib
+
+    if plan.device != "cuda":
+        return autocast(plan)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(autocast(plan))
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def load_base(plan: Plan):

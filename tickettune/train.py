@@ -234,8 +234,11 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
             with autocast():
                 loss, n_tok = _loss(model, batch, pad_id, device)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if torch.isfinite(norm):
+                opt.step()
+            else:  # one bad batch must not write NaN into the whole adapter
+                log.warning("%s step %d: non-finite gradient norm, update skipped", task, step + 1)
             sched.step()
             opt.zero_grad(set_to_none=True)
             value = float(loss.detach())
