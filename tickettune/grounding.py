@@ -146,14 +146,13 @@ def ground(generated: str | None, finished: bool, references: list[str], repair:
     if not repair:
         return Grounded(reply, "generated")
     sources = " ".join(references + [ticket])
-    kept = [s for s in _SENTENCE.split(reply) if supported(s, sources)]
+    sentences = _SENTENCE.split(reply)
+    kept = [s for s in sentences if supported(s, sources)]
     if not kept:
         return Grounded(references[0].strip(), "fallback", "every sentence states an unsupported fact")
-    dropped = len(_SENTENCE.split(reply)) - len(kept)
+    dropped = len(sentences) - len(kept)
     reply = " ".join(kept)
     missing = missing_facts(reply, key_facts(references))
-    if not missing:
-        return Grounded(reply, "generated")
     added: list[str] = []
     for ref in references:
         for sentence in _SENTENCE.split(ref.strip()):

@@ -73,7 +73,8 @@ class HeldOutCalibration:
             return default
         from tickettune.retrieval import RetrievalIndex
 
-        keep = [i for i in range(len(self.examples)) if i not in set(self.rows)]
+        held = set(self.rows)
+        keep = [i for i in range(len(self.examples)) if i not in held]
         index = RetrievalIndex.fit([self.examples[i] for i in keep], self.tickets[keep], self.replies[keep])
         emb_logp = index.intent_logprobs(self.embed(self.texts))
         return choose_lm_weight(self.lm_logp, emb_logp, np.array(self.gold))

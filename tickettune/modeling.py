@@ -122,7 +122,7 @@ def add_lora(model, cfg: TrainConfig):
 
 
 def use_adapter(model, name: str) -> None:
-    """Activate adapter `name` (intent or reply) when the model has it; the base model otherwise."""
+    """Activate adapter `name` (intent or reply) when the model has it; otherwise leave it as is."""
     if hasattr(model, "peft_config") and name in model.peft_config:
         model.set_adapter(name)
 
