@@ -59,7 +59,8 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
     refs = [[index.examples[i].ideal_reply for i in rows] for rows in ref_rows]
     prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
                   for t, r in zip(tickets, refs)]
-    intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t))[0]) for t in tickets]
+    shown = labels if cfg.list_labels else None  # the intent prompt exactly as score_labels renders it
+    intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t, shown))[0]) for t in tickets]
     t1 = time.perf_counter()
     stop_ids = end_of_turn_ids(model, tokenizer)
     model = merge_reply_adapter(model, cfg)
