@@ -71,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     with clock.stage("load model"):
         model, tokenizer = modeling.load_base(plan)
     with clock.stage("embed"):
-        vectors = embed([r.ticket for r in train_rows])
+        index = retrieval.RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]),
+                                             embed([r.ideal_reply for r in train_rows]))
         val_vectors = embed([r.ticket for r in val_rows])
-        reply_vectors = embed([r.ideal_reply for r in train_rows])
-        index = retrieval.RetrievalIndex.fit(train_rows, vectors, reply_vectors)
     with clock.stage("train"):
         modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
         model = modeling.add_lora(model, cfg.train)
-        result, lm_weight, held = fit_adapters(model, tokenizer, train_rows, index, vectors, reply_vectors, cfg, plan,
+        result, lm_weight, held = fit_adapters(model, tokenizer, train_rows, index, cfg, plan,
                                                deadline=clock.start + cfg.budget_s - reserve_s(plan, val_rows))
     with clock.stage("save adapter"):
         modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result, lm_weight))
@@ -108,19 +107,19 @@ def reserve_s(plan, val_rows: list) -> float:
     return 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
 
 
-def fit_adapters(model, tokenizer, train_rows, index, vectors, reply_vectors, cfg, plan, deadline: float):
+def fit_adapters(model, tokenizer, train_rows, index, cfg, plan, deadline: float):
     """Build both tasks' sequences, train the intent and reply adapters, calibrate the ensemble.
     Returns (TrainResult, ensemble LM weight, held-out rows)."""
     from tickettune import intent, modeling, train
     from tickettune.embeddings import embed
 
     references = [[train_rows[j].ideal_reply for j in index.nearest(v, r.intent, cfg.infer.n_references, exclude=i)]
-                  for i, (r, v) in enumerate(zip(train_rows, vectors))]
+                  for i, (r, v) in enumerate(zip(train_rows, index.vectors))]
     labels_in_prompt = list(index.labels) if cfg.infer.list_labels else None
     seqs = train.build_sequences(train_rows, tokenizer, cfg.train, references, labels_in_prompt,
                                  cfg.infer.max_ticket_tokens, cfg.seed)
     held = train.holdout_rows(train_rows, cfg.train.holdout_frac, cfg.seed)
-    calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, vectors, reply_vectors,
+    calibration = intent.HeldOutCalibration(tokenizer, train_rows, held, index.vectors, index.replies,
                                             cfg.infer.score_batch_size, cfg.infer.list_labels,
                                             lambda: modeling.autocast(plan), cfg.train.augment_copies, cfg.seed, embed)
     calibrate = cfg.infer.calibrate_lm_weight
