@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; set before any CUDA use
 
 from tickettune import __version__, config, data, runlog  # noqa: E402
-from tickettune.plan import ENV_MODEL, decide, detect_hardware, model_override  # noqa: E402
+from tickettune.plan import ENV_MODEL, decide, detect_hardware, fallbacks, model_override  # noqa: E402
 
 log = logging.getLogger("tickettune")
 EXIT_BAD_INPUT = 2
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = config.load_overrides(args.config)
             check_paths(Path(args.weights), Path(args.output))
         with clock.stage("plan"):
-            plan = decide(detect_hardware(), model_override(args.base_model))
+            hardware, override = detect_hardware(), model_override(args.base_model)
+            plan = decide(hardware, override)
             cfg = build_config(plan.device, overrides, args)
     except (data.DataError, config.ConfigError, PathError) as exc:
         log.error("cannot start:\n%s", exc)
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     modeling.seed_everything(cfg.seed, plan.device)
     with clock.stage("load model"):
-        model, tokenizer = modeling.load_base(plan)
+        model, tokenizer, loaded = modeling.load_first([plan] + fallbacks(plan, hardware, override))
+    if loaded != plan:  # a fallback: its device's defaults (the overrides were validated above)
+        plan, cfg = loaded, build_config(loaded.device, overrides, args)
     with clock.stage("embed"):
         index = retrieval.RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]),
                                              embed([r.ideal_reply for r in train_rows]))

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from tickettune import cli
-from tickettune.plan import BUNDLED, GPU_LARGE, GPU_SMALL, Hardware, decide, model_override
+from tickettune.plan import BUNDLED, GPU_LARGE, GPU_SMALL, Hardware, decide, fallbacks, model_override
 
 
 @pytest.mark.parametrize("hw, override, model, device, dtype, method", [
@@ -35,3 +35,50 @@ def test_plan_command_simulates_a_gpu(capsys):
     assert json.loads(capsys.readouterr().out)["model"] == GPU_LARGE
     assert cli.main(["plan", "--simulate-gpu-gb", "8", "--bitsandbytes", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "qlora"
+
+
+def test_fallbacks_of_an_automatic_gpu_choice_end_on_the_bundled_cpu_plan():
+    hw = Hardware(cuda=True, free_gb=79, bf16=True, cpu_bf16=True)
+    chain = fallbacks(decide(hw), hw, None)
+    assert [(p.model, p.device) for p in chain] == [(GPU_SMALL, "cuda"), (BUNDLED, "cpu")]
+    assert chain[0].dtype == "bfloat16" and chain[1].dtype == "float32" and chain[1].autocast == "bfloat16"
+    assert all(p.reason.startswith("fallback:") for p in chain)
+    small = Hardware(cuda=True, free_gb=12, bf16=True)
+    assert [p.model for p in fallbacks(decide(small), small, None)] == [BUNDLED]  # no second small model
+    qlora = Hardware(cuda=True, free_gb=12, bf16=True, bitsandbytes=True)
+    assert fallbacks(decide(qlora), qlora, None)[0].method == "lora"  # the small model is not quantised
+
+
+def test_a_named_model_or_the_cpu_plan_has_no_fallback():
+    gpu = Hardware(cuda=True, free_gb=79, bf16=True)
+    assert fallbacks(decide(gpu, "my/model"), gpu, "my/model") == []
+    assert fallbacks(decide(Hardware(cuda=False)), Hardware(cuda=False), None) == []
+
+
+def test_load_first_falls_through_failing_plans_and_reports_why(caplog):
+    from tickettune.modeling import load_first
+
+    hw = Hardware(cuda=True, free_gb=79, bf16=True)
+    plans = [decide(hw)] + fallbacks(decide(hw), hw, None)
+    tried = []
+
+    def loader(plan):
+        tried.append(plan.model)
+        if plan.model != BUNDLED:
+            raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {plan.model}\nmore detail")
+        return "model", "tokenizer"
+
+    model, tokenizer, used = load_first(plans, loader)
+    assert (model, tokenizer, used) == ("model", "tokenizer", plans[-1]) and tried == [GPU_LARGE, GPU_SMALL, BUNDLED]
+    assert f"could not load {GPU_LARGE}: OSError: We couldn't connect" in caplog.text
+    assert "more detail" not in caplog.text and "fallback:" in caplog.text
+
+
+def test_load_first_raises_the_first_error_when_nothing_loads():
+    from tickettune.modeling import load_first
+
+    def loader(plan):
+        raise OSError(f"cannot load {plan.model}")
+
+    with pytest.raises(OSError, match="cannot load first/model"):
+        load_first([decide(Hardware(cuda=False), "first/model"), decide(Hardware(cuda=False))], loader)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from tickettune.modeling import free_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def _generate_or_split(model, tokenizer, batch: list[list[int]], max_new_tokens:
     try:
         return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        _free_memory()
+        free_memory()
         if len(batch) == 1:
             log.warning("generation failed for one row (%s): using the safe reply", type(exc).__name__)
             return [Generated(None, len(batch[0]), 0, False, 0.0)]
@@ -104,13 +106,3 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: in
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         results.append(Generated(text, len(p), len(new) + (1 if finished else 0), finished, seconds))
     return results
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -78,7 +78,7 @@ def load_base(plan: Plan):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the CPU path never touches a hub
         folder = bundled_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=dtype).to(plan.device)
     else:
         kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
         if plan.device == "cuda":
@@ -100,6 +100,39 @@ def load_base(plan: Plan):
     tokenizer.padding_side = "left"
     model.eval()
     return model, tokenizer
+
+
+def load_first(plans: list[Plan], loader=None):
+    """(model, tokenizer, plan) for the first of `plans` whose model loads. Each failure is logged
+    with its reason and its memory freed before the next plan is tried; when all fail, the first
+    plan's error is raised (it names what the user asked for). See `plan.fallbacks`."""
+    loader = loader or load_base
+    first_error: BaseException | None = None
+    for i, plan in enumerate(plans):
+        try:
+            model, tokenizer = loader(plan)
+            if i:
+                log.warning("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method,
+                            plan.reason)
+            return model, tokenizer, plan
+        except Exception as exc:  # noqa: BLE001 - any load failure (network, disk, memory) moves on
+            first_error = first_error or exc
+            more = "; trying the next plan" if i + 1 < len(plans) else ""
+            log.warning("could not load %s: %s: %s%s", plan.model, type(exc).__name__,
+                        str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "", more)
+            free_memory()
+    raise first_error if first_error else ValueError("no plan to load")
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA blocks (after an out-of-memory error)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 INTENT_ADAPTER = "default"   # saved at the root of --weights: adapter_config.json + adapter_model.safetensors

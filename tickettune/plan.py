@@ -14,7 +14,7 @@ import argparse
 import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 BUNDLED = "bundled:smollm2-135m"
@@ -69,19 +69,40 @@ def decide(hw: Hardware, override: str | None = None) -> Plan:
                 f"{hw.free_gb:.0f} GB free < {LARGE_GPU_GB:.0f} GB, no bitsandbytes: smaller model, LoRA in {dtype}")
 
 
+def fallbacks(plan: Plan, hw: Hardware, override: str | None) -> list[Plan]:
+    """Plans to try, in order, when loading `plan`'s model fails (no network to the hub, a download
+    or disk error, out of memory): an automatic GPU choice falls back to the smaller GPU model,
+    then to the bundled model on the CPU plan (no download, known to work). A model the user named
+    is never swapped for another: its failure is the error.
+
+    >>> big = decide(Hardware(cuda=True, free_gb=79, bf16=True))
+    >>> [p.model for p in fallbacks(big, Hardware(cuda=True, free_gb=79, bf16=True), None)]
+    ['Qwen/Qwen2.5-1.5B-Instruct', 'bundled:smollm2-135m']
+    """
+    if override or plan.model == BUNDLED:
+        return []
+    out = []
+    if plan.model != GPU_SMALL:
+        out.append(replace(plan, model=GPU_SMALL, method="lora",
+                           reason=f"fallback: {plan.model} could not be loaded; smaller model, LoRA in {plan.dtype}"))
+    cpu = decide(replace(hw, cuda=False))
+    out.append(replace(cpu, reason=f"fallback: no GPU model could be loaded; {cpu.reason}"))
+    return out
+
+
 def detect_hardware() -> Hardware:
     import torch
 
     bnb = importlib.util.find_spec("bitsandbytes") is not None
+    try:
+        cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        cpu_bf16 = False
     if not torch.cuda.is_available():
-        try:
-            cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            cpu_bf16 = False
         return Hardware(cuda=False, bitsandbytes=bnb, cpu_bf16=cpu_bf16)
     free, _total = torch.cuda.mem_get_info()
     return Hardware(cuda=True, gpu_name=torch.cuda.get_device_name(0), free_gb=free / 2**30,
-                    bf16=torch.cuda.is_bf16_supported(), bitsandbytes=bnb)
+                    bf16=torch.cuda.is_bf16_supported(), bitsandbytes=bnb, cpu_bf16=cpu_bf16)
 
 
 def model_override(flag: str | None) -> str | None:
