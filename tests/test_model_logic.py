@@ -1,5 +1,6 @@
 """Model-side logic on a tiny random Llama (fast): label scoring, generation, the budget guard."""
 
+import contextlib
 import time
 
 import numpy as np
@@ -65,4 +66,58 @@ def test_training_stops_at_the_deadline(tiny_model, tokenizer):
     assert done.steps == 6 and not done.stopped_early and np.isfinite(done.train_loss)
     late = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=2), 2, 0, deadline=time.monotonic() - 1)
     assert late.steps == 0 and late.stopped_early
+    model.unload()
+
+
+def _lora(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(tiny_model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
+                                                 init_lora_weights=False))  # B != 0: every LoRA weight gets a gradient
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_micro_batches_accumulate_the_same_gradient_as_one_batch(tiny_model, tokenizer):
+    from tickettune.train import _accumulate
+
+    model = _lora(tiny_model)
+    seqs = [Sequence([1, 2, 3, 4, 5, 6], [-100, -100, 3, 4, 5, 6], 0), Sequence([7, 8, 9], [-100, 8, 9], 1),
+            Sequence([3, 3, 3, 3], [-100, -100, -100, 3], 2), Sequence([5, 9, 2, 7, 1], [-100, 9, 2, 7, 1], 3)]
+    whole, n_whole = _accumulate(model, seqs, tokenizer.pad_token_id, "cpu", contextlib.nullcontext, 1)
+    reference = _grads(model)
+    model.zero_grad(set_to_none=True)
+    split, n_split = _accumulate(model, seqs, tokenizer.pad_token_id, "cpu", contextlib.nullcontext, 3)
+    assert n_whole == n_split == 11 and split == pytest.approx(whole, rel=1e-5)
+    assert reference and all(torch.allclose(reference[k], g, atol=1e-6) for k, g in _grads(model).items())
+    model.unload()
+
+
+def test_a_batch_that_runs_out_of_memory_is_trained_in_micro_batches(tiny_model, tokenizer, monkeypatch, caplog):
+    import tickettune.train as train_module
+
+    real_loss, sizes = train_module._loss, []
+
+    def loss_with_small_memory(model, batch, pad_id, device):
+        sizes.append(len(batch))
+        if len(batch) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss(model, batch, pad_id, device)
+
+    monkeypatch.setattr(train_module, "_loss", loss_with_small_memory)
+    model = _lora(tiny_model)
+    seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], i) for i in range(8)]
+    limit = 1
+    done = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=4), 2, 0)
+    assert done.steps == 4 and np.isfinite(done.train_loss)
+    assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}  # the split is remembered after the first OOM
+    assert "micro-batches" in caplog.text
+    limit, sizes[:] = 0, []  # not even one row fits: every step is skipped, the run goes on
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    skipped = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=4), 1, 0)
+    assert skipped.steps == 2 and np.isnan(skipped.train_loss) and "skipped" in caplog.text
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     model.unload()

@@ -220,6 +220,7 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
 
     history: list[dict] = []
     step, stopped, tokens = 0, False, 0
+    chunks = 1  # micro-batches per batch: doubled (for the rest of training) when a batch runs out of memory
     val_loss, val_tokens = float("nan"), 0
     progressive = [0.0, 0]  # loss·tokens and tokens of epoch 1, before each update
     epoch_loss = [0.0, 0]
@@ -231,25 +232,24 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
             if step >= total or (deadline is not None and time.monotonic() > deadline):
                 stopped = step < total
                 break
-            with autocast():
-                loss, n_tok = _loss(model, batch, pad_id, device)
-            loss.backward()
+            value, n_tok, chunks = _gradients(model, batch, pad_id, device, autocast, chunks, opt)
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if torch.isfinite(norm):
+            if n_tok and torch.isfinite(norm):
                 opt.step()
-            else:  # one bad batch must not write NaN into the whole adapter
+            elif n_tok:  # one bad batch must not write NaN into the whole adapter
                 log.warning("%s step %d: non-finite gradient norm, update skipped", task, step + 1)
             sched.step()
             opt.zero_grad(set_to_none=True)
-            value = float(loss.detach())
             tokens += sum(len(s.input_ids) for s in batch)
-            epoch_loss[0] += value * n_tok
-            epoch_loss[1] += n_tok
-            if epoch == 0:
-                progressive[0] += value * n_tok
-                progressive[1] += n_tok
+            if n_tok:
+                epoch_loss[0] += value * n_tok
+                epoch_loss[1] += n_tok
+                if epoch == 0:
+                    progressive[0] += value * n_tok
+                    progressive[1] += n_tok
             step += 1
-            history.append({"step": step, "epoch": epoch + 1, "task": task, "loss": round(value, 5)})
+            history.append({"step": step, "epoch": epoch + 1, "task": task,
+                            "loss": round(value, 5) if math.isfinite(value) else None})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
         last = epoch == epochs - 1 or step >= total or stopped
@@ -268,6 +268,60 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     if stopped:
         log.warning("%s training stopped early at step %d/%d to fit the time budget", task, step, total)
     return TrainResult(step, tokens, train_loss, val_loss, history, stopped, epoch_loss[1], val_tokens)
+
+
+def _gradients(model, batch: list[Sequence], pad_id: int, device, autocast, chunks: int, opt):
+    """Forward and backward of `batch`, leaving its gradient in the parameters; returns (mean token
+    loss, scored tokens, micro-batches used). When the batch runs out of GPU memory the step is
+    redone in twice as many micro-batches (gradients accumulated, token-weighted: the same
+    gradient up to rounding), and that split is kept for the following batches. A single row that
+    does not fit is skipped with a warning (0 scored tokens: no update) instead of ending the run."""
+    import torch
+
+    from tickettune.modeling import free_memory
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    while True:
+        try:
+            value, n_tok = _accumulate(model, batch, pad_id, device, autocast, min(chunks, len(batch)))
+            return value, n_tok, chunks
+        except oom:
+            pass  # handled below, outside the handler, so that the traceback's tensors can be freed
+        opt.zero_grad(set_to_none=True)
+        free_memory()
+        if chunks >= len(batch):
+            log.warning("a training batch of %d tokens does not fit in memory even one row at a time: skipped",
+                        max(len(s.input_ids) for s in batch))
+            return float("nan"), 0, chunks
+        chunks *= 2
+        log.warning("a batch of %d rows ran out of memory: training in %d micro-batches from now on",
+                    len(batch), min(chunks, len(batch)))
+
+
+def _accumulate(model, batch: list[Sequence], pad_id: int, device, autocast, chunks: int) -> tuple[float, int]:
+    """Backward of the token-mean loss of `batch`, computed in `chunks` micro-batches."""
+    if chunks <= 1:
+        with autocast():
+            loss, n_tok = _loss(model, batch, pad_id, device)
+        loss.backward()
+        return float(loss.detach()), n_tok
+    size = -(-len(batch) // chunks)
+    parts = [batch[i:i + size] for i in range(0, len(batch), size)]
+    total = sum(_scored(s) for s in batch)
+    weighted = 0.0
+    for part in parts:
+        if not any(_scored(s) for s in part):
+            continue
+        with autocast():
+            loss, n_tok = _loss(model, part, pad_id, device)
+        (loss * (n_tok / total)).backward()
+        weighted += float(loss.detach()) * n_tok
+    return (weighted / total if total else float("nan")), total
+
+
+def _scored(seq: Sequence) -> int:
+    """Tokens of `seq` that the loss scores (as `_loss` counts them: labels shifted by one)."""
+    return sum(1 for label in seq.labels[1:] if label != IGNORE)
 
 
 def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> tuple[float, int]:
