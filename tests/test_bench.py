@@ -26,6 +26,16 @@ def test_quality_bench_prints_the_comparison_table(tmp_path):
     assert "| tickettune |" in proc.stdout
 
 
+def gpu_defaults(**train) -> dict:
+    """The GPU plan's settings (label list in the prompt, merged reply adapter, 2 references,
+    uncapped batches), so the CPU run of the bench walks the code paths the GPU run takes."""
+    from tickettune.config import RunConfig
+
+    cfg = RunConfig.for_plan("cuda").to_dict()
+    cfg["infer"].pop("max_new_tokens")
+    return {"train": {**cfg["train"], **train}, "infer": cfg["infer"]}
+
+
 def test_gpu_synthetic_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
     assets = tmp_path / "assets"
     prep = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_synthetic.py"), "--prepare", str(assets)],
@@ -34,7 +44,7 @@ def test_gpu_synthetic_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
     assert (assets / "tokenizer" / "tokenizer.json").is_file() and not (assets / "minilm" / "model.safetensors").exists()
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_synthetic.py"), "--assets", str(assets),
                            "--arch", "tiny", "--runs", "2", "--max-new-tokens", "8", "--work", str(tmp_path / "work"),
-                           "--config", json.dumps({"train": {"max_steps": 2}})],
+                           "--config", json.dumps(gpu_defaults(max_steps=2))],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predictions byte-identical across 2 runs (latency_ms excluded): True" in proc.stdout

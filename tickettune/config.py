@@ -71,8 +71,10 @@ class RunConfig:
     @classmethod
     def for_plan(cls, device: str, overrides: dict[str, Any] | None = None) -> "RunConfig":
         """Defaults for `device` ("cpu" or "cuda"), then `overrides` (a nested dict) on top."""
+        # GPU: 2048 padded tokens per batch is where a 7B LoRA step peaked at 34 GB on an H100 (issue 6's
+        # reference); long reply batches are cut there instead of growing to 8 x 384 tokens
         base = cls() if device == "cpu" else cls(
-            train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1, max_batch_tokens=0),
+            train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1, max_batch_tokens=2048),
             infer=InferConfig(gen_batch_size=64, score_batch_size=16, max_new_tokens=160,
                               n_references=2, list_labels=True, merge_adapter=True),
         )
