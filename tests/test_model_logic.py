@@ -121,3 +121,24 @@ def test_a_batch_that_runs_out_of_memory_is_trained_in_micro_batches(tiny_model,
     assert skipped.steps == 2 and np.isnan(skipped.train_loss) and "skipped" in caplog.text
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     model.unload()
+
+
+def test_label_scoring_that_runs_out_of_memory_is_retried_in_halves(tiny_model, tokenizer, monkeypatch, caplog):
+    import tickettune.intent as intent_module
+
+    tickets = ["Where is my invoice?", "2fa lost phone", "refund please", "add a guest"]
+    labels = ["billing.invoice", "account.2fa_reset", "billing.refund"]
+    reference = score_labels(tiny_model, tokenizer, tickets, labels, batch_size=4)
+    real_chunk = intent_module._score_chunk
+
+    def small_memory(model, encoded, *args):
+        if len(encoded) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_chunk(model, encoded, *args)
+
+    monkeypatch.setattr(intent_module, "_score_chunk", small_memory)
+    limit = 1
+    assert np.allclose(score_labels(tiny_model, tokenizer, tickets, labels, batch_size=4), reference, atol=1e-4)
+    assert "retrying in halves" in caplog.text
+    limit = 0  # nothing fits: uniform LM scores, so the embedding classifier decides
+    assert np.allclose(score_labels(tiny_model, tokenizer, tickets, labels, batch_size=4), -np.log(3))

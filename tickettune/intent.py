@@ -10,12 +10,15 @@ proper likelihood; softmax over labels then gives log P(label | ticket) for the 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from tqdm import tqdm
 
 from tickettune import prompts
 from tickettune.retrieval import log_softmax
 
+log = logging.getLogger(__name__)
 
 LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -108,14 +111,36 @@ def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_
     for start in range(0, len(tickets), batch_size):
         chunk = tickets[start:start + batch_size]
         encoded = [prompts.render(tokenizer, prompts.intent_messages(t, shown))[0] for t in chunk]
-        scores = _score_chunk(model, encoded, lab, lab_mask, tokenizer.pad_token_id)
+        scores = _score_or_split(model, encoded, lab, lab_mask, tokenizer.pad_token_id)
         if not np.isfinite(scores).all():  # some GPU attention kernels give NaN on left-padded rows
-            scores = np.concatenate([_score_chunk(model, [e], lab, lab_mask, tokenizer.pad_token_id)
+            scores = np.concatenate([_score_or_split(model, [e], lab, lab_mask, tokenizer.pad_token_id)
                                      for e in encoded])
         out[start:start + len(chunk)] = scores
         bar.update(len(chunk))
     bar.close()
     return log_softmax(out)
+
+
+def _score_or_split(model, encoded: list[list[int]], lab, lab_mask, pad_id: int) -> np.ndarray:
+    """`_score_chunk`, halving the batch when it runs out of GPU memory; a single ticket that still
+    does not fit gets equal scores for every label (the embedding classifier then decides)."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    try:
+        return _score_chunk(model, encoded, lab, lab_mask, pad_id)
+    except oom:
+        pass  # handled outside the handler, so that the traceback's tensors can be freed
+    from tickettune.modeling import free_memory
+
+    free_memory()
+    if len(encoded) == 1:
+        log.warning("label scoring ran out of memory for one ticket: the embedding classifier decides it")
+        return np.zeros((1, lab.shape[0]))
+    half = len(encoded) // 2
+    log.warning("label scoring ran out of memory for %d tickets: retrying in halves", len(encoded))
+    return np.concatenate([_score_or_split(model, encoded[:half], lab, lab_mask, pad_id),
+                           _score_or_split(model, encoded[half:], lab, lab_mask, pad_id)])
 
 
 def _score_chunk(model, encoded: list[list[int]], lab, lab_mask, pad_id: int) -> np.ndarray:
