@@ -82,3 +82,14 @@ def test_load_first_raises_the_first_error_when_nothing_loads():
 
     with pytest.raises(OSError, match="cannot load first/model"):
         load_first([decide(Hardware(cuda=False), "first/model"), decide(Hardware(cuda=False))], loader)
+
+
+@pytest.mark.parametrize("version, key", [("5.17.0", "dtype"), ("4.56.0", "dtype"), ("4.55.4", "torch_dtype"),
+                                          ("4.46.3", "torch_dtype")])
+def test_dtype_argument_follows_the_transformers_version(monkeypatch, version, key):
+    import transformers
+
+    from tickettune.modeling import dtype_kwarg
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert dtype_kwarg("bfloat16") == {key: "bfloat16"}

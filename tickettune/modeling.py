@@ -78,9 +78,10 @@ def load_base(plan: Plan):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the CPU path never touches a hub
         folder = bundled_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=dtype).to(plan.device)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, **dtype_kwarg(dtype))
+        model = model.to(plan.device)
     else:
-        kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
+        kwargs: dict = {**dtype_kwarg(dtype), "attn_implementation": "sdpa"}
         if plan.device == "cuda":
             kwargs["device_map"] = {"": 0}
         if plan.method == "qlora":
@@ -100,6 +101,15 @@ def load_base(plan: Plan):
     tokenizer.padding_side = "left"
     model.eval()
     return model, tokenizer
+
+
+def dtype_kwarg(dtype) -> dict:
+    """`from_pretrained`'s dtype argument: `dtype` since transformers 4.56, `torch_dtype` before
+    (where `dtype` is silently ignored and a 7B model would load in fp32)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(transformers.__version__) >= Version("4.56") else {"torch_dtype": dtype}
 
 
 def load_first(plans: list[Plan], loader=None):
