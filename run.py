@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; set before any CUDA use
 
 from tickettune import __version__, config, data, runlog  # noqa: E402
-from tickettune.plan import ENV_MODEL, decide, detect_hardware, fallbacks, model_override  # noqa: E402
+from tickettune.plan import BUNDLED, ENV_MODEL, decide, detect_hardware, fallbacks, model_override  # noqa: E402
 
 log = logging.getLogger("tickettune")
 EXIT_BAD_INPUT = 2
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d train rows, %d intents, %d val rows", len(train_rows), len(data.taxonomy(train_rows)), len(val_rows))
     log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
 
+    if plan.model == BUNDLED:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the default CPU path never touches a hub, embedder included
+
     from tickettune import predict, retrieval  # heavy imports after validation
     from tickettune.embeddings import embed
     from tickettune.results import TrainingStats, write_results
@@ -73,25 +76,27 @@ def main(argv: list[str] | None = None) -> int:
         index = retrieval.RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]),
                                              embed([r.ideal_reply for r in train_rows]))
         val_vectors = embed([r.ticket for r in val_rows])
+    done: dict = {}  # what the model stages finished: "result" (training), "predictions"
+    problems: list[str] = []  # failures that cost an output other than the results file
     try:
-        predictions, result = adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides,
-                                                train_rows, val_rows, index, val_vectors)
-        degraded = None
+        adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides, train_rows, val_rows, index,
+                          val_vectors, done, problems)
     except NamedModelError as exc:
         log.error("cannot load the model you named: %s", exc)
         return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never lose the predictions
-        log.exception("the model stages failed: writing retrieval-only predictions instead")
-        predictions, result = predict.retrieval_only(index, val_rows, val_vectors), None
-        degraded = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.exception("a model stage failed: writing retrieval-only predictions instead")
+        done["predictions"] = predict.retrieval_only(index, val_rows, val_vectors)
+        problems.append("retrieval-only predictions (embedding intent, nearest train reply) because "
+                        + f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    result, predictions = done.get("result"), done["predictions"]
     stats = TrainingStats(result.steps, result.train_loss, result.val_loss, clock.elapsed()) if result else \
         TrainingStats(0, float("nan"), float("nan"), clock.elapsed())
     write_results(args.output, stats, predictions)
     log.info("wrote %d predictions to %s in %.1f s (%s)", len(predictions), args.output, clock.elapsed(),
              ", ".join(f"{k} {v:.1f}s" for k, v in clock.stages.items()))
-    if degraded:
-        log.error("DEGRADED RUN: retrieval-only predictions (embedding intent, nearest train reply) because %s",
-                  degraded)
+    for problem in problems:
+        log.error("DEGRADED RUN: %s", problem)
     return 0
 
 
@@ -100,10 +105,20 @@ class NamedModelError(RuntimeError):
 
 
 def adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides, train_rows, val_rows, index,
-                      val_vectors):
-    """Load the base model, train the adapters, save them, predict. Returns (predictions, TrainResult)."""
+                      val_vectors, done: dict, problems: list[str]) -> None:
+    """Load the base model, train the adapters, save them, predict. Fills `done` as stages finish
+    (so a later failure keeps the training stats); an output other than the predictions that
+    cannot be written is a `problems` entry, not a reason to lose the predictions."""
     from tickettune import modeling, predict
+    from tickettune.embeddings import load_embedder
     from tickettune.results import write_json_atomic, write_jsonl
+
+    def best_effort(what: str, write) -> None:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("could not write %s", what)
+            problems.append(f"{what} not written ({type(exc).__name__}: {exc})".splitlines()[0])
 
     modeling.seed_everything(cfg.seed, plan.device)
     with clock.stage("load model"):
@@ -111,7 +126,7 @@ def adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides, tra
             model, tokenizer, loaded = modeling.load_first([plan] + fallbacks(plan, hardware, override))
         except Exception as exc:
             if override:
-                raise NamedModelError(f"{override}: {type(exc).__name__}: {exc}") from exc
+                raise NamedModelError(f"{override}: {type(exc).__name__}: {exc}") from None
             raise
     if loaded != plan:  # a fallback: its device's defaults (the overrides were validated above)
         plan, cfg = loaded, build_config(loaded.device, overrides, args)
@@ -120,19 +135,23 @@ def adapt_and_predict(args, clock, plan, cfg, hardware, override, overrides, tra
         model = modeling.add_lora(model, cfg.train)
         result, lm_weight, held = fit_adapters(model, tokenizer, train_rows, index, cfg, plan,
                                                deadline=clock.start + cfg.budget_s - reserve_s(plan, val_rows))
+        done["result"] = result
     with clock.stage("save adapter"):
-        modeling.save_adapter(model, tokenizer, args.weights, run_metadata(plan, cfg, index, held, result, lm_weight))
-        write_json_atomic(Path(args.weights) / "loss_history.json", result.history)
+        meta = run_metadata(plan, cfg, index, held, result, lm_weight, load_embedder().name)
+        best_effort(f"the adapter in {args.weights}",
+                    lambda: modeling.save_adapter(model, tokenizer, args.weights, meta))
+        best_effort("loss_history.json", lambda: write_json_atomic(Path(args.weights) / "loss_history.json",
+                                                                   result.history))
     with clock.stage("predict"):
         with modeling.autocast(plan):
             predictions, diagnostics = predict.predict(model, tokenizer, index, val_rows, val_vectors, cfg.infer,
                                                        lm_weight, deadline=clock.start + cfg.budget_s - 10)
-        write_jsonl(Path(args.weights) / "diagnostics.jsonl", diagnostics)
+        done["predictions"] = predictions
+        best_effort("diagnostics.jsonl", lambda: write_jsonl(Path(args.weights) / "diagnostics.jsonl", diagnostics))
     if plan.device == "cuda":
         import torch
 
         log.info("peak GPU memory %.1f GB", torch.cuda.max_memory_allocated() / 2**30)
-    return predictions, result
 
 
 class PathError(ValueError):
@@ -208,7 +227,7 @@ def build_config(device: str, overrides: dict, args: argparse.Namespace) -> conf
     return config.RunConfig.for_plan(device, {**overrides, **flags})
 
 
-def run_metadata(plan, cfg, index, held, result, lm_weight: float) -> dict:
+def run_metadata(plan, cfg, index, held, result, lm_weight: float, embedder: str) -> dict:
     import peft
     import torch
     import transformers
@@ -218,7 +237,8 @@ def run_metadata(plan, cfg, index, held, result, lm_weight: float) -> dict:
     return {
         "tickettune": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "plan": plan.to_dict(), "config": cfg.to_dict(), "taxonomy": list(index.labels),
-        "embedding_temperature": index.temperature, "holdout_rows": sorted(held), "lm_weight": lm_weight,
+        "embedder": embedder, "embedding_temperature": index.temperature, "holdout_rows": sorted(held),
+        "lm_weight": lm_weight,
         "steps": result.steps, "stopped_early": result.stopped_early,
         "prompts": {"intent_system": prompts.INTENT_SYSTEM, "reply_system": prompts.REPLY_SYSTEM},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

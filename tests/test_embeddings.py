@@ -54,3 +54,22 @@ def test_a_named_embedder_that_does_not_load_is_an_error(monkeypatch, tmp_path):
             embeddings.embed(["x"])
     finally:
         embeddings.load_embedder.cache_clear()
+
+
+def test_embedding_leaves_the_hub_setting_alone(monkeypatch):
+    """The GPU model loads after the embeddings and may need the hub: embed() must not switch it off."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv(embeddings.ENV_EMBEDDER, raising=False)
+    embeddings.load_embedder.cache_clear()
+    try:
+        embeddings.embed(["hello"])
+        assert "HF_HUB_OFFLINE" not in __import__("os").environ
+        assert embeddings.load_embedder().name == embeddings.EMBEDDER_PIP
+    finally:
+        embeddings.load_embedder.cache_clear()
+
+
+def test_a_bundled_embedder_that_does_not_load_falls_back(no_bundled_embedder, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(embeddings, "bundled_embedder_path", lambda: tmp_path)  # an empty folder
+    assert embeddings.embed(["x", "y"]).shape == (2, 4096)
+    assert embeddings.load_embedder().name == embeddings.HASHED and "does not load" in caplog.text

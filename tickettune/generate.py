@@ -1,4 +1,4 @@
-"""Batched greedy generation with left padding; a failing batch is split, a failing row is reported.
+"""Batched greedy generation with left padding; a batch out of memory is split, a row that never fits is reported.
 
 Greedy decoding only (determinism). Generation of a batch stops as soon as every row has ended.
 """
@@ -61,17 +61,23 @@ def balanced_batches(n: int, max_size: int) -> list[tuple[int, int]]:
 
 def _generate_or_split(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
                        stop_ids: list[int]) -> list[Generated]:
+    """`_generate_batch`, halving the batch when it runs out of memory; a single row that still does
+    not fit is reported (text None). Any other error is a real fault and propagates."""
+    import torch
+
+    oom = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
     try:
         return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
-    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        free_memory()
-        if len(batch) == 1:
-            log.warning("generation failed for one row (%s): using the safe reply", type(exc).__name__)
-            return [Generated(None, len(batch[0]), 0, False, 0.0)]
-        half = len(batch) // 2
-        log.warning("generation failed for a batch of %d (%s): retrying in halves", len(batch), type(exc).__name__)
-        return (_generate_or_split(model, tokenizer, batch[:half], max_new_tokens, stop_ids)
-                + _generate_or_split(model, tokenizer, batch[half:], max_new_tokens, stop_ids))
+    except oom:
+        pass  # handled below, outside the handler, so that the traceback's KV cache can be freed
+    free_memory()
+    if len(batch) == 1:
+        log.warning("generation ran out of memory for one row: using the safe reply")
+        return [Generated(None, len(batch[0]), 0, False, 0.0)]
+    half = len(batch) // 2
+    log.warning("generation ran out of memory for a batch of %d: retrying in halves", len(batch))
+    return (_generate_or_split(model, tokenizer, batch[:half], max_new_tokens, stop_ids)
+            + _generate_or_split(model, tokenizer, batch[half:], max_new_tokens, stop_ids))
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int,

@@ -113,6 +113,15 @@ def offline_scores(pairs: list[tuple[str, str]]) -> list[float]:
     return [float(min(max(c, 0.0), 1.0)) for c in cosine]
 
 
+def _note_encoder(run: "JudgeRun", fallback) -> None:
+    """Say so when the offline judge could not use MiniLM (see `embeddings.load_embedder`)."""
+    from tickettune.embeddings import EMBEDDER_HUB, EMBEDDER_PIP, load_embedder
+
+    if fallback is offline_scores and load_embedder().name not in (EMBEDDER_PIP, EMBEDDER_HUB):
+        run.notes.append(f"the offline judge used {load_embedder().name} instead of the bundled MiniLM: "
+                         "scores are not comparable with MiniLM-judged runs")
+
+
 @dataclass
 class JudgeRun:
     """Scores (one per pair, 0..1), which rows fell back to the offline judge, and the bill."""
@@ -182,6 +191,7 @@ def judge_replies(pairs: list[tuple[str, str]], *, model: str = "gpt-4o-mini", b
         for i, s in zip(todo, fallback([pairs[i] for i in todo])):
             scores[i] = s
         run.scores = [float(s) for s in scores]
+        _note_encoder(run, fallback)
         return run
 
     run = JudgeRun(model, False, [], [False] * len(pairs), model=model, budget_usd=budget_usd)

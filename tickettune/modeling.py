@@ -114,24 +114,30 @@ def dtype_kwarg(dtype) -> dict:
 
 def load_first(plans: list[Plan], loader=None):
     """(model, tokenizer, plan) for the first of `plans` whose model loads. Each failure is logged
-    with its reason and its memory freed before the next plan is tried; when all fail, the first
-    plan's error is raised (it names what the user asked for). See `plan.fallbacks`."""
+    with its reason and its memory freed before the next plan is tried (only the message of an
+    error is kept: its traceback would hold the half-loaded model). When all fail, raises
+    `ModelLoadError` with the first plan's reason. See `plan.fallbacks`."""
     loader = loader or load_base
-    first_error: BaseException | None = None
+    first_error = ""
     for i, plan in enumerate(plans):
         try:
             model, tokenizer = loader(plan)
+        except Exception as exc:  # noqa: BLE001 - any load failure (network, disk, memory) moves on
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        else:
             if i:
                 log.warning("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method,
                             plan.reason)
             return model, tokenizer, plan
-        except Exception as exc:  # noqa: BLE001 - any load failure (network, disk, memory) moves on
-            first_error = first_error or exc
-            more = "; trying the next plan" if i + 1 < len(plans) else ""
-            log.warning("could not load %s: %s: %s%s", plan.model, type(exc).__name__,
-                        str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "", more)
-            free_memory()
-    raise first_error if first_error else ValueError("no plan to load")
+        free_memory()  # outside the handler: the failed load's tensors are unreachable now
+        first_error = first_error or f"{plan.model}: {reason}"
+        log.warning("could not load %s: %s%s", plan.model, reason,
+                    "; trying the next plan" if i + 1 < len(plans) else "")
+    raise ModelLoadError(first_error or "no plan to load")
+
+
+class ModelLoadError(RuntimeError):
+    """No plan's base model could be loaded."""
 
 
 def free_memory() -> None:

@@ -93,12 +93,17 @@ def predict(model, tokenizer, index: RetrievalIndex, val: list[Ticket], val_vect
         ))
         diagnostics.append({
             "id": t.id, "intent": intent,
-            "lm_logp": {lab: round(float(x), 4) for lab, x in zip(labels, lm_logp[row])},
-            "emb_logp": {lab: round(float(x), 4) for lab, x in zip(labels, emb_logp[row])},
+            "lm_logp": {lab: _json_number(x) for lab, x in zip(labels, lm_logp[row])},
+            "emb_logp": {lab: _json_number(x) for lab, x in zip(labels, emb_logp[row])},
             "reply_action": grounded.action, "reply_detail": grounded.detail, "generated": g.text,
         })
     log.info("replies: %s", ", ".join(f"{k} {v}" for k, v in sorted(actions.items())))
     return out, diagnostics
+
+
+def _json_number(x) -> float | None:
+    """A score for the diagnostics file: rounded, None where not finite (strict JSON has no NaN)."""
+    return round(float(x), 4) if np.isfinite(x) else None
 
 
 def retrieval_only(index: RetrievalIndex, val: list[Ticket], val_vectors: np.ndarray) -> list[Prediction]:

@@ -274,8 +274,8 @@ def _gradients(model, batch: list[Sequence], pad_id: int, device, autocast, chun
     """Forward and backward of `batch`, leaving its gradient in the parameters; returns (mean token
     loss, scored tokens, micro-batches used). When the batch runs out of GPU memory the step is
     redone in twice as many micro-batches (gradients accumulated, token-weighted: the same
-    gradient up to rounding), and that split is kept for the following batches. A single row that
-    does not fit is skipped with a warning (0 scored tokens: no update) instead of ending the run."""
+    gradient up to rounding), and that split is kept for the following batches. When even one
+    row at a time runs out, the rows that fit make the step (see `_row_by_row`)."""
     import torch
 
     from tickettune.modeling import free_memory
@@ -290,12 +290,43 @@ def _gradients(model, batch: list[Sequence], pad_id: int, device, autocast, chun
         opt.zero_grad(set_to_none=True)
         free_memory()
         if chunks >= len(batch):
-            log.warning("a training batch of %d tokens does not fit in memory even one row at a time: skipped",
-                        max(len(s.input_ids) for s in batch))
-            return float("nan"), 0, chunks
+            value, n_tok = _row_by_row(model, batch, pad_id, device, autocast, oom)
+            return value, n_tok, chunks
         chunks *= 2
         log.warning("a batch of %d rows ran out of memory: training in %d micro-batches from now on",
                     len(batch), min(chunks, len(batch)))
+
+
+def _row_by_row(model, batch: list[Sequence], pad_id: int, device, autocast, oom) -> tuple[float, int]:
+    """Backward one row at a time; a row that runs out of memory is skipped with a warning (the
+    gradient is restored to what it was before that row), and the kept rows' gradient is their
+    own token mean. Returns (mean token loss, scored tokens kept)."""
+    from tickettune.modeling import free_memory
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(_scored(s) for s in batch)
+    kept, weighted = 0, 0.0
+    for seq in batch:
+        if not _scored(seq):
+            continue
+        before = [None if p.grad is None else p.grad.clone() for p in params]  # LoRA only: small
+        try:
+            with autocast():
+                loss, n_tok = _loss(model, [seq], pad_id, device)
+            (loss * (n_tok / total)).backward()
+            weighted, kept = weighted + float(loss.detach()) * n_tok, kept + n_tok
+            continue
+        except oom:
+            pass
+        for param, grad in zip(params, before):  # drop whatever the failed backward accumulated
+            param.grad = grad
+        free_memory()
+        log.warning("a training row of %d tokens does not fit in memory: skipped", len(seq.input_ids))
+    if kept and kept < total:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(total / kept)
+    return (weighted / kept if kept else float("nan")), kept
 
 
 def _accumulate(model, batch: list[Sequence], pad_id: int, device, autocast, chunks: int) -> tuple[float, int]:
