@@ -184,3 +184,16 @@ def test_label_scoring_that_runs_out_of_memory_is_retried_in_halves(tiny_model, 
     assert "retrying in halves" in caplog.text
     limit = 0  # nothing fits: uniform LM scores, so the embedding classifier decides
     assert np.allclose(score_labels(tiny_model, tokenizer, tickets, labels, batch_size=4), -np.log(3))
+
+
+def test_val_loss_that_runs_out_of_memory_is_measured_row_by_row(tiny_model, tokenizer, monkeypatch):
+    import tickettune.train as train_module
+    from tickettune.train import evaluate_loss
+
+    seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], 0), Sequence([5, 6, 7], [-100, 6, 7], 1)]
+    reference = evaluate_loss(tiny_model, tokenizer, seqs, 2)
+    real_loss = train_module._loss
+    monkeypatch.setattr(train_module, "_loss", lambda model, batch, *a: real_loss(model, batch, *a) if len(batch) == 1
+                        else (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
+    split = evaluate_loss(tiny_model, tokenizer, seqs, 2)
+    assert split[1] == reference[1] == 4 and split[0] == pytest.approx(reference[0], rel=1e-5)

@@ -356,16 +356,32 @@ def _scored(seq: Sequence) -> int:
 
 
 def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> tuple[float, int]:
-    """Token-weighted mean loss of `seqs` without updating anything, and the scored token count."""
+    """Token-weighted mean loss of `seqs` without updating anything, and the scored token count.
+    A batch that runs out of GPU memory is measured row by row; a row that still does not fit is
+    left out of the mean (with a warning)."""
     import torch
 
+    from tickettune.modeling import free_memory
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     device = next(model.parameters()).device
     model.eval()
     total, tokens = 0.0, 0
-    with torch.no_grad():
-        ordered = sorted(seqs, key=lambda s: len(s.input_ids))
-        for i in range(0, len(ordered), batch_size):
-            loss, n_tok = _loss(model, ordered[i:i + batch_size], tokenizer.pad_token_id, device)
+    ordered = sorted(seqs, key=lambda s: len(s.input_ids))
+    pending = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    while pending:
+        batch = pending.pop(0)
+        try:
+            with torch.no_grad():
+                loss, n_tok = _loss(model, batch, tokenizer.pad_token_id, device)
             total += float(loss) * n_tok
             tokens += n_tok
+            continue
+        except oom:
+            pass  # handled outside the handler, so that the traceback's tensors can be freed
+        free_memory()
+        if len(batch) > 1:
+            pending = [[s] for s in batch] + pending
+        else:
+            log.warning("val_loss: a row of %d tokens does not fit in memory: left out", len(batch[0].input_ids))
     return (total / tokens if tokens else float("nan")), tokens
