@@ -156,13 +156,17 @@ def test_a_row_that_never_fits_costs_only_itself(tiny_model, tokenizer, monkeypa
 
     monkeypatch.setattr(train_module, "_loss", long_row_never_fits)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    value, n_tok, chunks = _gradients(model, short + [long], tokenizer.pad_token_id, "cpu",
-                                      contextlib.nullcontext, 1, opt)
+    try:
+        value, n_tok, chunks = _gradients(model, short + [long], tokenizer.pad_token_id, "cpu",
+                                          contextlib.nullcontext, 1, opt)
+        got = _grads(model)
+    finally:
+        hook.remove()
+        model.unload()
     assert n_tok == 2 + 2 + 2 and np.isfinite(value) and chunks == 4
-    got = _grads(model)
-    assert set(got) == set(reference) and all(torch.allclose(reference[k], got[k], atol=1e-6) for k in got)
-    hook.remove()
-    model.unload()
+    # rows alone vs one padded batch: fp32 rounding differs by ~1e-6 (a kept partial gradient is ~1e-1)
+    assert set(got) == set(reference) and all(torch.allclose(reference[k], got[k], rtol=1e-4, atol=1e-5)
+                                              for k in got)
 
 
 def test_label_scoring_that_runs_out_of_memory_is_retried_in_halves(tiny_model, tokenizer, monkeypatch, caplog):
