@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start:\n%s", exc)
         return EXIT_BAD_INPUT
     log.info("%d train rows, %d intents, %d val rows", len(train_rows), len(data.taxonomy(train_rows)), len(val_rows))
-    log.info("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method, plan.reason)
+    log.info("plan: %s", plan.describe())
 
     if plan.model == BUNDLED:
         os.environ["HF_HUB_OFFLINE"] = "1"  # the default CPU path never touches a hub, embedder included

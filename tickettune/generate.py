@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from tickettune.modeling import free_memory
+from tickettune.modeling import free_memory, out_of_memory_error
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,9 @@ def _generate_or_split(model, tokenizer, batch: list[list[int]], max_new_tokens:
                        stop_ids: list[int]) -> list[Generated]:
     """`_generate_batch`, halving the batch when it runs out of memory; a single row that still does
     not fit is reported (text None). Any other error is a real fault and propagates."""
-    import torch
-
-    oom = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
     try:
         return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
-    except oom:
+    except (out_of_memory_error(), MemoryError):
         pass  # handled below, outside the handler, so that the traceback's KV cache can be freed
     free_memory()
     if len(batch) == 1:

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tickettune import prompts
+from tickettune.modeling import free_memory, out_of_memory_error
 from tickettune.retrieval import log_softmax
 
 log = logging.getLogger(__name__)
@@ -124,15 +125,10 @@ def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_
 def _score_or_split(model, encoded: list[list[int]], lab, lab_mask, pad_id: int) -> np.ndarray:
     """`_score_chunk`, halving the batch when it runs out of GPU memory; a single ticket that still
     does not fit gets equal scores for every label (the embedding classifier then decides)."""
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     try:
         return _score_chunk(model, encoded, lab, lab_mask, pad_id)
-    except oom:
+    except out_of_memory_error():
         pass  # handled outside the handler, so that the traceback's tensors can be freed
-    from tickettune.modeling import free_memory
-
     free_memory()
     if len(encoded) == 1:
         log.warning("label scoring ran out of memory for one ticket: the embedding classifier decides it")

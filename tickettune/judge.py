@@ -117,8 +117,9 @@ def _note_encoder(run: "JudgeRun", fallback) -> None:
     """Say so when the offline judge could not use MiniLM (see `embeddings.load_embedder`)."""
     from tickettune.embeddings import EMBEDDER_HUB, EMBEDDER_PIP, load_embedder
 
-    if fallback is offline_scores and load_embedder().name not in (EMBEDDER_PIP, EMBEDDER_HUB):
-        run.notes.append(f"the offline judge used {load_embedder().name} instead of the bundled MiniLM: "
+    name = load_embedder().name if fallback is offline_scores else EMBEDDER_PIP
+    if name not in (EMBEDDER_PIP, EMBEDDER_HUB):
+        run.notes.append(f"the offline judge used {name} instead of the bundled MiniLM: "
                          "scores are not comparable with MiniLM-judged runs")
 
 

@@ -123,11 +123,11 @@ def load_first(plans: list[Plan], loader=None):
         try:
             model, tokenizer = loader(plan)
         except Exception as exc:  # noqa: BLE001 - any load failure (network, disk, memory) moves on
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            message = str(exc).strip()
+            reason = f"{type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}"
         else:
             if i:
-                log.warning("plan: %s on %s (%s, %s) - %s", plan.model, plan.device, plan.dtype, plan.method,
-                            plan.reason)
+                log.warning("plan: %s", plan.describe())
             return model, tokenizer, plan
         free_memory()  # outside the handler: the failed load's tensors are unreachable now
         first_error = first_error or f"{plan.model}: {reason}"
@@ -138,6 +138,13 @@ def load_first(plans: list[Plan], loader=None):
 
 class ModelLoadError(RuntimeError):
     """No plan's base model could be loaded."""
+
+
+def out_of_memory_error() -> type[BaseException]:
+    """torch's out-of-memory exception (`torch.OutOfMemoryError`; `torch.cuda.OutOfMemoryError` before 2.5)."""
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def free_memory() -> None:

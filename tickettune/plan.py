@@ -49,6 +49,9 @@ class Plan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        return f"{self.model} on {self.device} ({self.dtype}, {self.method}) - {self.reason}"
+
 
 def decide(hw: Hardware, override: str | None = None) -> Plan:
     """Pick model, dtype and method for `hw`; `override` (flag or env) replaces the model only."""

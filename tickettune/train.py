@@ -32,6 +32,7 @@ from tickettune import prompts
 from tickettune.augment import noisy_copies
 from tickettune.config import TrainConfig
 from tickettune.data import Example
+from tickettune.modeling import INTENT_ADAPTER, REPLY_ADAPTER, free_memory, out_of_memory_error
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -162,8 +163,6 @@ def fit(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig
     `on_intent_trained(model)` runs when the intent adapter is trained, before the reply adapter
     starts: the ensemble is calibrated there on the held-out rows it never saw.
     """
-    from tickettune.modeling import INTENT_ADAPTER, REPLY_ADAPTER
-
     parts = []
     for task, adapter, epochs, join in (("intent", INTENT_ADAPTER, cfg.epochs, False),
                                         ("reply", REPLY_ADAPTER, cfg.reply_epochs, True)):
@@ -276,11 +275,7 @@ def _gradients(model, batch: list[Sequence], pad_id: int, device, autocast, chun
     redone in twice as many micro-batches (gradients accumulated, token-weighted: the same
     gradient up to rounding), and that split is kept for the following batches. When even one
     row at a time runs out, the rows that fit make the step (see `_row_by_row`)."""
-    import torch
-
-    from tickettune.modeling import free_memory
-
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    oom = out_of_memory_error()
     while True:
         try:
             value, n_tok = _accumulate(model, batch, pad_id, device, autocast, min(chunks, len(batch)))
@@ -301,8 +296,6 @@ def _row_by_row(model, batch: list[Sequence], pad_id: int, device, autocast, oom
     """Backward one row at a time; a row that runs out of memory is skipped with a warning (the
     gradient is restored to what it was before that row), and the kept rows' gradient is their
     own token mean. Returns (mean token loss, scored tokens kept)."""
-    from tickettune.modeling import free_memory
-
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(_scored(s) for s in batch)
     kept, weighted = 0, 0.0
@@ -361,9 +354,7 @@ def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> tu
     left out of the mean (with a warning)."""
     import torch
 
-    from tickettune.modeling import free_memory
-
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    oom = out_of_memory_error()
     device = next(model.parameters()).device
     model.eval()
     total, tokens = 0.0, 0
