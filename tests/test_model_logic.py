@@ -201,3 +201,21 @@ def test_val_loss_that_runs_out_of_memory_is_measured_row_by_row(tiny_model, tok
                         else (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
     split = evaluate_loss(tiny_model, tokenizer, seqs, 2)
     assert split[1] == reference[1] == 4 and split[0] == pytest.approx(reference[0], rel=1e-5)
+
+
+def test_a_val_loss_that_nothing_could_measure_is_none_in_the_history(tiny_model, tokenizer, monkeypatch):
+    import json
+
+    import tickettune.train as train_module
+
+    real_loss = train_module._loss
+    monkeypatch.setattr(train_module, "_loss", lambda model, batch, pad_id, device: real_loss(model, batch, pad_id, device)
+                        if torch.is_grad_enabled() else (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
+    model = _lora(tiny_model)
+    seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], i) for i in range(4)]
+    try:
+        done = train(model, tokenizer, seqs, {0}, TrainConfig(batch_size=2), 1, 0, join=False)
+    finally:
+        model.unload()
+    assert [h["val_loss"] for h in done.history if "val_loss" in h] == [None]
+    json.dumps(done.history, allow_nan=False)  # the loss history file is strict JSON

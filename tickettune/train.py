@@ -255,7 +255,8 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
         if held_seqs and ((join and epoch == 0) or (not join and last)):
             with autocast():
                 val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
-            history.append({"step": step, "epoch": epoch + 1, "task": task, "val_loss": round(val_loss, 5)})
+            history.append({"step": step, "epoch": epoch + 1, "task": task,
+                            "val_loss": round(val_loss, 5) if math.isfinite(val_loss) else None})
             model.train()
         if last:
             break
