@@ -44,8 +44,8 @@ def prepare(assets: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
-    from tickettune.embeddings import embedder_path
-    from tickettune.plan import BUNDLED_GGUF, bundled_model_dir
+    from tickettune.pipeline.embeddings import embedder_path
+    from tickettune.pipeline.plan import BUNDLED_GGUF, bundled_model_dir
 
     assets.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(bundled_model_dir(), gguf_file=BUNDLED_GGUF).save_pretrained(assets / "tokenizer")

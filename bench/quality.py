@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tickettune.data import load_labels, load_train, load_val  # noqa: E402
-from tickettune.evaluate import parse_results, score  # noqa: E402
-from tickettune.judge import offline_scores  # noqa: E402
+from tickettune.pipeline.data import load_labels, load_train, load_val  # noqa: E402
+from tickettune.tools.evaluate import parse_results, score  # noqa: E402
+from tickettune.tools.judge import offline_scores  # noqa: E402
 
 COLUMNS = ("intent", "probes", "must-mention", "must-not", "reply sim", "reply", "composite", "wall s", "peak MB")
 
@@ -51,7 +51,7 @@ def results_file(ids, intents, replies, wall_s: float) -> dict:
 
 
 def knn_copy(train, val) -> tuple[dict, float]:
-    from tickettune.embeddings import embed
+    from tickettune.pipeline.embeddings import embed
 
     t0 = time.perf_counter()
     sims = embed([v.ticket for v in val]) @ embed([t.ticket for t in train]).T   # (V, T)
@@ -78,8 +78,8 @@ def run_tickettune(train_path, val_path, config: str | None, workdir: Path) -> t
 
 def variants_from_diagnostics(train, val, results: dict, weights: Path) -> dict[str, dict]:
     """finetune-copy and the single-expert intents, derived from tickettune's own run."""
-    from tickettune.embeddings import embed
-    from tickettune.retrieval import RetrievalIndex
+    from tickettune.pipeline.embeddings import embed
+    from tickettune.pipeline.retrieval import RetrievalIndex
 
     diag = [json.loads(line) for line in (weights / "diagnostics.jsonl").read_text().splitlines()]
     by_id = {d["id"]: d for d in diag}

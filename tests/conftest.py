@@ -20,7 +20,7 @@ def tokenizer():
     """The bundled SmolLM2 tokenizer (real chat template), loaded once."""
     from transformers import AutoTokenizer
 
-    from tickettune.plan import BUNDLED_GGUF, bundled_model_dir
+    from tickettune.pipeline.plan import BUNDLED_GGUF, bundled_model_dir
 
     tok = AutoTokenizer.from_pretrained(bundled_model_dir(), gguf_file=BUNDLED_GGUF)
     tok.pad_token = tok.pad_token or tok.eos_token

@@ -29,7 +29,7 @@ def test_quality_bench_prints_the_comparison_table(tmp_path):
 def gpu_defaults(**train) -> dict:
     """The GPU plan's settings (label list in the prompt, merged reply adapter, 2 references,
     2048-token batches), so the CPU run of the bench walks the code paths the GPU run takes."""
-    from tickettune.config import RunConfig
+    from tickettune.pipeline.config import RunConfig
 
     cfg = RunConfig.for_plan("cuda").to_dict()
     cfg["infer"].pop("max_new_tokens")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tickettune.config import ConfigError, RunConfig, TrainConfig, load_overrides
+from tickettune.pipeline.config import ConfigError, RunConfig, TrainConfig, load_overrides
 
 
 def test_plan_defaults_differ_for_gpu():

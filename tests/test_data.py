@@ -1,6 +1,6 @@
 import pytest
 
-from tickettune.data import DataError, load_labels, load_train, load_val, taxonomy
+from tickettune.pipeline.data import DataError, load_labels, load_tickets, load_train, load_val, taxonomy
 from conftest import SAMPLE, write_jsonl
 
 GOOD = {"id": "a", "ticket": "t", "intent": "x.y", "ideal_reply": "r"}
@@ -60,3 +60,40 @@ def test_empty_val_file_is_valid_and_empty_train_is_not(tmp_path):
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="cannot read file"):
         load_val(tmp_path / "nope.jsonl")
+
+
+def test_csv_tickets_take_the_id_column_or_number_the_rows(tmp_path):
+    with_ids = tmp_path / "a.csv"
+    with_ids.write_text('id,ticket,channel\nT-9,"Where is my invoice, please?",email\nT-3,"two\nlines",chat\n')
+    assert [(t.id, t.ticket) for t in load_tickets(with_ids)] == [("T-9", "Where is my invoice, please?"),
+                                                                 ("T-3", "two\nlines")]
+    no_ids = tmp_path / "b.csv"
+    no_ids.write_text("body\nfirst\n\nsecond\n")  # a blank line is not a row
+    assert [(t.id, t.ticket) for t in load_tickets(no_ids, text_column="body")] == [("row_1", "first"),
+                                                                                   ("row_2", "second")]
+
+
+def test_jsonl_is_recognised_by_content_and_reads_like_val(tmp_path):
+    path = write_jsonl(tmp_path / "tickets.txt", [{"id": 1, "ticket": "a"}, {"id": "b", "ticket": "c"}])
+    assert load_tickets(path) == load_val(path)
+
+
+@pytest.mark.parametrize("content, problems", [
+    ("text\nhello\n", [":1: no 'ticket' column (header: text); name the ticket column with --text-column"]),
+    ("id,ticket\na,x\na,y\n", [":3: duplicated id 'a' (first seen on line 2)"]),
+    ("id,ticket\n,x\nb,y,z\n", [":2: field 'id' is empty", ":3: 3 cells, the header has 2"]),
+    ("id,ticket\nb\n", [":2: missing field 'ticket' (fewer cells than the header)"]),
+])
+def test_csv_problems_name_file_and_line_all_at_once(tmp_path, content, problems):
+    path = tmp_path / "in.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_tickets(path)
+    assert err.value.problems == [f"{path}{p}" for p in problems]
+
+
+def test_csv_with_bad_utf8_names_the_line(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"ticket\nok\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"in.csv:3: not valid UTF-8"):
+        load_tickets(path)

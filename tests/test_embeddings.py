@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tickettune import data, embeddings
-from tickettune.retrieval import RetrievalIndex
+from tickettune.pipeline import data, embeddings
+from tickettune.pipeline.retrieval import RetrievalIndex
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

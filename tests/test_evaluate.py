@@ -8,15 +8,14 @@ from argparse import Namespace
 
 import pytest
 
-from tickettune.data import DataError, Label
-from tickettune.evaluate import (
+from tickettune.pipeline.data import DataError, Label
+from tickettune.tools.evaluate import (
     composite,
     efficiency,
     forbidden_found,
     format_table,
     intent_correct,
     load_synonyms,
-    main,
     mentions,
     normalise_intent,
     normalise_synonyms,
@@ -25,6 +24,7 @@ from tickettune.evaluate import (
     row_reply_score,
     score,
 )
+from tickettune.tools.grade import main
 
 TRAINING = {"steps": 10, "train_loss": 1.0, "val_loss": 1.2, "wall_clock_s": 300.0}
 
@@ -338,7 +338,7 @@ def _args(tmp_path, **kw) -> Namespace:
 
 
 def test_main_json_and_exit_codes(tmp_path, capsys, monkeypatch):
-    import tickettune.judge as judge
+    import tickettune.tools.judge as judge
 
     # the offline judge is tested in test_judge; here a stand-in keeps this test in milliseconds
     monkeypatch.setattr(judge, "offline_scores", lambda pairs: [1.0] * len(pairs))

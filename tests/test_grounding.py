@@ -1,6 +1,6 @@
 import pytest
 
-from tickettune.grounding import degenerate, facts, ground, key_facts, trim_to_sentence
+from tickettune.pipeline.grounding import degenerate, facts, ground, key_facts, trim_to_sentence
 
 REF = ("Go to Settings → Billing → Seats and raise the seat count. Each seat is $8 per month on Team. "
        "Write to support@northstar.example if it fails.")
@@ -55,7 +55,7 @@ def test_cut_generation_is_trimmed_to_its_last_sentence():
 
 
 def test_missing_facts_match_whole_tokens_only():
-    from tickettune.grounding import missing_facts
+    from tickettune.pipeline.grounding import missing_facts
 
     assert missing_facts("It costs $80 for 140 days.", {"$8", "14"}) == {"$8", "14"}
     assert missing_facts("It costs $8 for 14 days; see Settings > Billing.", {"$8", "14", "settings → billing"}) == set()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SAMPLE, write_jsonl
-from tickettune.generate import generate
+from tickettune.pipeline.generate import generate
 
 TRAIN_ROW = {"id": "t1", "ticket": "How do I add a seat?", "intent": "billing.seats", "ideal_reply": "Go to Settings."}
 
@@ -99,7 +99,7 @@ def test_a_failing_row_gets_a_safe_reply_and_the_rest_are_generated(caplog):
 
 
 def test_no_trust_remote_code_anywhere():
-    sources = [p.read_text() for p in (ROOT / "tickettune").glob("*.py")] + [(ROOT / "run.py").read_text()]
+    sources = [p.read_text() for p in (ROOT / "tickettune").rglob("*.py")] + [(ROOT / "run.py").read_text()]
     assert not any("trust_remote_code=True" in s for s in sources)
 
 
@@ -129,7 +129,7 @@ def test_hostile_tickets_each_get_one_prediction_in_the_taxonomy(tmp_path):
     taxonomy = {r["intent"] for r in train_rows}
     assert all(p["predicted_intent"] in taxonomy and p["prediction"].strip() for p in preds)
     assert "ticket 'huge' is longer than" in proc.stderr and "ticket 'empty' is empty" in proc.stderr
-    from tickettune.prompts import REPLY_SYSTEM
+    from tickettune.pipeline.prompts import REPLY_SYSTEM
 
     inject = preds[-1]["prediction"]
     assert REPLY_SYSTEM[:40] not in inject and "Reference replies" not in inject

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tickettune import judge
-from tickettune.judge import (
+from tickettune.tools import judge
+from tickettune.tools.judge import (
     OFFLINE_NAME,
     cache_key,
     cost_usd,
@@ -207,7 +207,7 @@ def test_unknown_model_price_is_noted(server, tmp_path):
 
 
 def test_eval_command_through_the_llm_judge(server, tmp_path, capsys):
-    from tickettune.evaluate import main
+    from tickettune.tools.grade import main
 
     (tmp_path / "labels.jsonl").write_text(json.dumps(
         {"id": "v1", "intent": "a", "ideal_reply": "Refunds take 14 days.", "must_mention": ["14 days"]}) + "\n")

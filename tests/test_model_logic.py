@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tickettune import prompts
-from tickettune.config import TrainConfig
-from tickettune.generate import generate
-from tickettune.intent import score_labels
-from tickettune.retrieval import log_softmax
-from tickettune.train import Sequence, train
+from tickettune.pipeline import prompts
+from tickettune.pipeline.config import TrainConfig
+from tickettune.pipeline.generate import generate
+from tickettune.pipeline.intent import score_labels
+from tickettune.pipeline.retrieval import log_softmax
+from tickettune.pipeline.train import Sequence, train
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def _grads(model):
 
 
 def test_micro_batches_accumulate_the_same_gradient_as_one_batch(tiny_model, tokenizer):
-    from tickettune.train import _accumulate
+    from tickettune.pipeline.train import _accumulate
 
     model = _lora(tiny_model)
     seqs = [Sequence([1, 2, 3, 4, 5, 6], [-100, -100, 3, 4, 5, 6], 0), Sequence([7, 8, 9], [-100, 8, 9], 1),
@@ -97,7 +97,7 @@ def test_micro_batches_accumulate_the_same_gradient_as_one_batch(tiny_model, tok
 
 
 def test_a_batch_that_runs_out_of_memory_is_trained_in_micro_batches(tiny_model, tokenizer, monkeypatch, caplog):
-    import tickettune.train as train_module
+    import tickettune.pipeline.train as train_module
 
     real_loss, sizes = train_module._loss, []
 
@@ -127,8 +127,8 @@ def test_a_row_that_never_fits_costs_only_itself(tiny_model, tokenizer, monkeypa
     """3 short rows fit one at a time, the long one never does (its backward fails halfway, after
     layer 1's LoRA gradients were accumulated): the step's gradient is exactly the short rows'
     token-mean gradient."""
-    import tickettune.train as train_module
-    from tickettune.train import _accumulate, _gradients
+    import tickettune.pipeline.train as train_module
+    from tickettune.pipeline.train import _accumulate, _gradients
 
     model = _lora(tiny_model)
     short = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], 0), Sequence([5, 6, 7], [-100, 6, 7], 1),
@@ -170,7 +170,7 @@ def test_a_row_that_never_fits_costs_only_itself(tiny_model, tokenizer, monkeypa
 
 
 def test_label_scoring_that_runs_out_of_memory_is_retried_in_halves(tiny_model, tokenizer, monkeypatch, caplog):
-    import tickettune.intent as intent_module
+    import tickettune.pipeline.likelihood as intent_module
 
     tickets = ["Where is my invoice?", "2fa lost phone", "refund please", "add a guest"]
     labels = ["billing.invoice", "account.2fa_reset", "billing.refund"]
@@ -191,8 +191,8 @@ def test_label_scoring_that_runs_out_of_memory_is_retried_in_halves(tiny_model, 
 
 
 def test_val_loss_that_runs_out_of_memory_is_measured_row_by_row(tiny_model, tokenizer, monkeypatch):
-    import tickettune.train as train_module
-    from tickettune.train import evaluate_loss
+    import tickettune.pipeline.train as train_module
+    from tickettune.pipeline.train import evaluate_loss
 
     seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], 0), Sequence([5, 6, 7], [-100, 6, 7], 1)]
     reference = evaluate_loss(tiny_model, tokenizer, seqs, 2)
@@ -206,7 +206,7 @@ def test_val_loss_that_runs_out_of_memory_is_measured_row_by_row(tiny_model, tok
 def test_a_val_loss_that_nothing_could_measure_is_none_in_the_history(tiny_model, tokenizer, monkeypatch):
     import json
 
-    import tickettune.train as train_module
+    import tickettune.pipeline.train as train_module
 
     real_loss = train_module._loss
     monkeypatch.setattr(train_module, "_loss", lambda model, batch, pad_id, device: real_loss(model, batch, pad_id, device)
@@ -219,3 +219,54 @@ def test_a_val_loss_that_nothing_could_measure_is_none_in_the_history(tiny_model
         model.unload()
     assert [h["val_loss"] for h in done.history if "val_loss" in h] == [None]
     json.dumps(done.history, allow_nan=False)  # the loss history file is strict JSON
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_generation_restores_the_base_weights_exactly(tiny_model, dtype):
+    """`modeling.merged` answers like the active adapter and leaves every weight bit-identical
+    (subtracting the delta again would not round-trip in bf16), so a model predicts twice alike."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tickettune.pipeline.modeling import REPLY_ADAPTER, adapter, merged
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(tiny_model).to(dtype), lora)
+    model.add_adapter(REPLY_ADAPTER, lora)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        with adapter(model, REPLY_ADAPTER):
+            unmerged = model(input_ids=ids).logits.float()
+        assert model.active_adapter == "default"  # the previous adapter is active again
+        with merged(model, REPLY_ADAPTER):
+            merged_logits = model(input_ids=ids).logits.float()
+            assert model.active_adapter == REPLY_ADAPTER
+        with merged(model, REPLY_ADAPTER):  # again: the same answer
+            assert torch.equal(model(input_ids=ids).logits.float(), merged_logits)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(merged_logits, unmerged, atol=tolerance)
+    assert model.active_adapter == "default"
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not any(getattr(m, "merged_adapters", []) for m in model.modules())
+
+
+def test_a_model_without_the_reply_adapter_writes_with_the_base_weights(tiny_model):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tickettune.pipeline.modeling import REPLY_ADAPTER, adapter, merged
+
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM", init_lora_weights=False))
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        base = tiny_model(input_ids=ids).logits
+        for use in (adapter, merged):
+            with use(model, REPLY_ADAPTER):
+                assert torch.allclose(model(input_ids=ids).logits, base, atol=1e-6)
+        assert not torch.allclose(model(input_ids=ids).logits, base, atol=1e-4)  # the intent adapter is back

@@ -1,4 +1,4 @@
-"""tickettune.package: selection, the deny check, a byte-identical zip, the grader's rules, and a clean-unzip run."""
+"""tickettune.tools.package: selection, the deny check, a byte-identical zip, the grader's rules, and a clean-unzip run."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tickettune import cli
-from tickettune.package import (
+from tickettune.tools import cli
+from tickettune.tools.package import (
     MAX_ZIP_BYTES,
     build_zip,
     deny_reasons,
@@ -117,7 +117,7 @@ def test_candidates_without_git_walk_the_folder_skipping_dot_folders(tmp_path: P
 
 def test_real_repo_selection_ships_no_hidden_answers() -> None:
     kept, left_out = select_files(list_candidates(REPO)[0])
-    assert "tickettune/package.py" in kept
+    assert "tickettune/tools/package.py" in kept
     assert not [p for p in kept if p.startswith(("tests/", "dist/", ".", "bench/"))]
     assert not {p: deny_reasons(p, (REPO / p).read_bytes()) for p in kept if deny_reasons(p, (REPO / p).read_bytes())}
     assert not [p for p in kept if "label" in p]

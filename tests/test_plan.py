@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tickettune import cli
-from tickettune.plan import BUNDLED, GPU_LARGE, GPU_SMALL, Hardware, decide, fallbacks, model_override
+from tickettune.tools import cli
+from tickettune.pipeline.plan import BUNDLED, GPU_LARGE, GPU_SMALL, Hardware, decide, fallbacks, model_override
 
 
 @pytest.mark.parametrize("hw, override, model, device, dtype, method", [
@@ -56,7 +56,7 @@ def test_a_named_model_or_the_cpu_plan_has_no_fallback():
 
 
 def test_load_first_falls_through_failing_plans_and_reports_why(caplog):
-    from tickettune.modeling import load_first
+    from tickettune.pipeline.modeling import load_first
 
     hw = Hardware(cuda=True, free_gb=79, bf16=True)
     plans = [decide(hw)] + fallbacks(decide(hw), hw, None)
@@ -75,12 +75,12 @@ def test_load_first_falls_through_failing_plans_and_reports_why(caplog):
 
 
 def test_load_first_raises_the_first_error_when_nothing_loads():
-    from tickettune.modeling import load_first
+    from tickettune.pipeline.modeling import load_first
 
     def loader(plan):
         raise OSError(f"cannot load {plan.model}")
 
-    from tickettune.modeling import ModelLoadError
+    from tickettune.pipeline.modeling import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="first/model: OSError: cannot load first/model"):
         load_first([decide(Hardware(cuda=False), "first/model"), decide(Hardware(cuda=False))], loader)
@@ -91,7 +91,7 @@ def test_load_first_raises_the_first_error_when_nothing_loads():
 def test_dtype_argument_follows_the_transformers_version(monkeypatch, version, key):
     import transformers
 
-    from tickettune.modeling import dtype_kwarg
+    from tickettune.pipeline.modeling import dtype_kwarg
 
     monkeypatch.setattr(transformers, "__version__", version)
     assert dtype_kwarg("bfloat16") == {key: "bfloat16"}
@@ -101,7 +101,7 @@ def test_a_failed_load_is_released_before_the_next_plan_is_tried():
     import gc
     import weakref
 
-    from tickettune.modeling import load_first
+    from tickettune.pipeline.modeling import load_first
 
     class HalfLoaded:  # stands in for a model whose load failed midway
         pass

@@ -1,4 +1,4 @@
-from tickettune import prompts
+from tickettune.pipeline import prompts
 
 
 def test_intent_prompt_exact_string(tokenizer):

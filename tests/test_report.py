@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tickettune.data import Label
-from tickettune.evaluate import parse_results, score
-from tickettune.report import (
+from tickettune.pipeline.data import Label
+from tickettune.tools.evaluate import parse_results, score
+from tickettune.tools.report import (
     NO_PREDICTION,
     confusion,
     per_intent,

@@ -8,7 +8,7 @@ from argparse import Namespace
 
 import pytest
 
-from tickettune.repro import differing_ids, flag_value, main, sibling, with_flag
+from tickettune.tools.repro import differing_ids, flag_value, main, sibling, with_flag
 
 # A job that writes results (and an adapter file) where it is told to. With "random", val_2's reply
 # is random; latency_ms is always random, and must be ignored.
@@ -57,7 +57,7 @@ def test_differing_prediction_exit_1_lists_id(tmp_path, capsys):
 
 def test_differing_adapter_exit_1(tmp_path, capsys, monkeypatch):
     calls = iter(["first", "second"])
-    import tickettune.repro as repro_module
+    import tickettune.tools.repro as repro_module
 
     real_run = repro_module.run_once
 

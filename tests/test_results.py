@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tickettune.results import Prediction, TrainingStats, finite, write_json_atomic, write_results
+from tickettune.pipeline.results import Prediction, TrainingStats, finite, write_json_atomic, write_results
 
 
 def test_non_finite_numbers_become_zero_and_schema_is_exact(tmp_path):

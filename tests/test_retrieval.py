@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tickettune.data import Example
-from tickettune.retrieval import DEFAULT_TEMPERATURE, RetrievalIndex, fit_temperature, log_softmax, prototypes
+from tickettune.pipeline.data import Example
+from tickettune.pipeline.retrieval import DEFAULT_TEMPERATURE, RetrievalIndex, fit_temperature, log_softmax, prototypes
 
 
 def unit(*v):

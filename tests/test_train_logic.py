@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from tickettune.augment import noisy_copies
-from tickettune.data import Example
-from tickettune.train import Sequence, batches, holdout_rows
+from tickettune.pipeline.augment import noisy_copies
+from tickettune.pipeline.data import Example
+from tickettune.pipeline.train import Sequence, batches, holdout_rows
 
 
 def examples(counts):

@@ -1,3 +1,3 @@
-from tickettune.cli import main
+from tickettune.tools.cli import main
 
 raise SystemExit(main())

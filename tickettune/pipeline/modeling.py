@@ -6,7 +6,7 @@ global RNG: `seed_everything` must run before `load_base` and `add_lora`.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import random
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tickettune.config import InferConfig, TrainConfig
-from tickettune.plan import BUNDLED, BUNDLED_GGUF, Plan, bundled_model_dir
+from tickettune.pipeline.config import TrainConfig
+from tickettune.pipeline.plan import BUNDLED, BUNDLED_GGUF, Plan, bundled_model_dir
 
 log = logging.getLogger(__name__)
-META_FILE = "tickettune.json"
 
 
 def seed_everything(seed: int, device: str = "cpu") -> None:
@@ -177,24 +176,61 @@ def add_lora(model, cfg: TrainConfig):
     return model
 
 
-def use_adapter(model, name: str) -> None:
-    """Activate adapter `name` (intent or reply) when the model has it; otherwise leave it as is."""
-    if hasattr(model, "peft_config") and name in model.peft_config:
-        model.set_adapter(name)
-
-
-def merge_reply_adapter(model, cfg: InferConfig):
-    """For generation: the base model with the reply adapter merged in (one matmul per projection
-    instead of three: ~3.5x faster decoding on a GPU) when `cfg.merge_adapter`, else the PeftModel
-    with the reply adapter active. Call after intent scoring: merging drops the other adapter."""
+@contextlib.contextmanager
+def adapter(model, name: str):
+    """Run the body with adapter `name` active (intent or reply), then restore the previous one.
+    A model without that adapter runs as it is; a PeftModel without it runs the bare base model
+    (no reply training: the base model writes the replies)."""
     if not hasattr(model, "peft_config"):
-        return model.eval()
-    if REPLY_ADAPTER not in model.peft_config:  # no reply training: the base model writes replies
-        return model.unload().eval()
-    use_adapter(model, REPLY_ADAPTER)
-    if cfg.merge_adapter:
-        return model.merge_and_unload(adapter_names=[REPLY_ADAPTER]).eval()
-    return model.eval()
+        yield model
+        return
+    if name not in model.peft_config:
+        with model.disable_adapter():
+            yield model
+        return
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+
+
+@contextlib.contextmanager
+def merged(model, name: str):
+    """Run the body with adapter `name` merged into the base weights (one matmul per projection
+    instead of three: faster decoding on a GPU), then restore the base weights *exactly*: the
+    weights of the merged layers are copied before merging and copied back after, because
+    subtracting the delta again does not round-trip in bf16 and the model must predict the same
+    way next time. The copy costs the merged layers' memory; when it does not fit, the body runs
+    with the adapter active but unmerged (same answers up to rounding, slower)."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not hasattr(model, "peft_config") or name not in model.peft_config:
+        with adapter(model, name):
+            yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and name in m.lora_A]
+    try:
+        saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    except (out_of_memory_error(), MemoryError):
+        saved = None
+    if saved is None:
+        free_memory()
+        log.warning("no memory for a copy of the base weights: generating with the %s adapter unmerged", name)
+        with adapter(model, name):
+            yield model
+        return
+    with adapter(model, name):
+        model.base_model.merge_adapter(adapter_names=[name])
+        try:
+            yield model
+        finally:
+            model.base_model.unmerge_adapter()
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    layer.get_base_layer().weight.copy_(weight)
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:
@@ -204,15 +240,6 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
-
-
-def save_adapter(model, tokenizer, weights_dir: str | Path, meta: dict) -> None:
-    """adapter_config.json + adapter_model.safetensors + tokenizer + tickettune.json (plan, config, prompts)."""
-    weights_dir = Path(weights_dir)
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(weights_dir, safe_serialization=True)
-    tokenizer.save_pretrained(weights_dir)
-    (weights_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_adapter(base_model, weights_dir: str | Path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from tickettune.modeling import free_memory, out_of_memory_error
+from tickettune.pipeline.modeling import free_memory, out_of_memory_error
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from tickettune.data import TicketId
+from tickettune.pipeline.data import TicketId
 
 ADAPTER_FILE = "adapter_model.safetensors"
 TIMING_FIELDS = ("latency_ms",)

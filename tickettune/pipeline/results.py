@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tickettune.data import TicketId
+from tickettune.pipeline.data import TicketId
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,19 @@ def results_dict(stats: TrainingStats, predictions: list[Prediction]) -> dict:
         "wall_clock_s": finite(stats.wall_clock_s),
     }
     return {"training": training, "predictions": [asdict(p) for p in predictions]}
+
+
+def folder_problem(folder: str | Path) -> str | None:
+    """Why output files cannot be written into `folder` (created when missing), or None."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".tickettune-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    return None
 
 
 def _write_atomic(path: str | Path, text: str) -> None:

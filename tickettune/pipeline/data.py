@@ -129,6 +129,76 @@ def load_val(path: str | Path) -> list[Ticket]:
     return [Ticket(o["id"], o["ticket"]) for _, o in read_jsonl(path, {"id": ID, "ticket": str})]
 
 
+def load_tickets(path: str | Path, text_column: str = "ticket") -> list[Ticket]:
+    """Tickets to predict, from JSONL (`{"id", <text_column>}` per line, as `load_val`) or CSV (a
+    header naming `text_column` and optionally `id`; without an `id` column the ids are `row_N`,
+    N counting data rows from 1). The format follows the suffix (`.csv`; `.jsonl`/`.json`), else
+    the first character (`{` means JSONL). Every problem is reported at once, with file and line.
+
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+    ...     _ = f.write('ticket\\n"Where is my invoice?"\\n')
+    >>> load_tickets(f.name)
+    [Ticket(id='row_1', ticket='Where is my invoice?')]
+    >>> os.unlink(f.name)
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json") or (suffix != ".csv" and _first_char(path) == "{"):
+        return [Ticket(o["id"], o[text_column]) for _, o in read_jsonl(path, {"id": ID, text_column: str})]
+    return _load_csv_tickets(path, text_column)
+
+
+def _first_char(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            return f.read(4096).lstrip()[:1].decode("ascii", "replace")
+    except OSError:
+        return ""  # read_jsonl / the CSV reader report the unreadable file
+
+
+def _load_csv_tickets(path: Path, text_column: str) -> list[Ticket]:
+    import csv
+
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read file ({exc.strerror or exc})"]) from exc
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataError([f"{path}:{line}: not valid UTF-8 (byte {exc.start})"]) from None
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    columns = reader.fieldnames or []
+    if text_column not in columns:
+        raise DataError([f"{path}:1: no '{text_column}' column (header: {', '.join(columns) or 'empty'}); "
+                         "name the ticket column with --text-column"])
+    problems: list[str] = []
+    tickets: list[Ticket] = []
+    first_line_of: dict[str, int] = {}
+    try:
+        for n, row in enumerate(reader, start=1):
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # more cells than the header has columns
+                problems.append(f"{where}: {len(columns) + len(row[None])} cells, the header has {len(columns)}")
+                continue
+            if row[text_column] is None:
+                problems.append(f"{where}: missing field '{text_column}' (fewer cells than the header)")
+                continue
+            ticket_id = row["id"] if "id" in columns else f"row_{n}"
+            if not ticket_id:
+                problems.append(f"{where}: field 'id' is empty")
+            elif ticket_id in first_line_of:
+                problems.append(f"{where}: duplicated id {ticket_id!r} (first seen on line {first_line_of[ticket_id]})")
+            else:
+                first_line_of[ticket_id] = reader.line_num
+                tickets.append(Ticket(ticket_id, row[text_column]))
+    except csv.Error as exc:
+        problems.append(f"{path}:{reader.line_num}: malformed CSV ({exc})")
+    if problems:
+        raise DataError(problems)
+    return tickets
+
+
 def load_labels(path: str | Path) -> list[Label]:
     """Evaluation labels: id, intent, ideal_reply, optional must_mention / must_not_mention / probe."""
     rows = read_jsonl(path, {"id": ID, "intent": str, "ideal_reply": str})

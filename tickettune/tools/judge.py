@@ -103,7 +103,7 @@ def redact(text: str) -> str:
 
 def offline_scores(pairs: list[tuple[str, str]]) -> list[float]:
     """Cosine similarity of MiniLM embeddings of (ideal, prediction), clipped to [0, 1]."""
-    from tickettune.embeddings import embed
+    from tickettune.pipeline.embeddings import embed
 
     if not pairs:
         return []
@@ -115,7 +115,7 @@ def offline_scores(pairs: list[tuple[str, str]]) -> list[float]:
 
 def _note_encoder(run: "JudgeRun", fallback) -> None:
     """Say so when the offline judge could not use MiniLM (see `embeddings.load_embedder`)."""
-    from tickettune.embeddings import EMBEDDER_HUB, EMBEDDER_PIP, load_embedder
+    from tickettune.pipeline.embeddings import EMBEDDER_HUB, EMBEDDER_PIP, load_embedder
 
     name = load_embedder().name if fallback is offline_scores else EMBEDDER_PIP
     if name not in (EMBEDDER_PIP, EMBEDDER_HUB):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tickettune.prompts import REPLY_SYSTEM
+from tickettune.pipeline.prompts import REPLY_SYSTEM
 
 _FACT_PATTERNS = [
     r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",                                   # emails

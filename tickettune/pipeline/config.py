@@ -80,6 +80,11 @@ class RunConfig:
         )
         return merge(base, overrides or {})
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "RunConfig":
+        """The config `to_dict` wrote (e.g. into tickettune.json); unknown keys are errors."""
+        return merge(cls(), saved)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

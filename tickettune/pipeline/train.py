@@ -7,7 +7,7 @@ sequences are ~5x longer: this is where CPU time goes). Loss is on the assistant
 
 val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row) is
 held out. The intent adapter never trains on it: its loss there is measured at the end, and the
-same rows calibrate the ensemble (see `intent.HeldOutCalibration`) — the embedding classifier
+same rows calibrate the ensemble (see `fit.calibrate`) — the embedding classifier
 and the reply adapter still use every row, so the taxonomy loses nothing. The reply adapter
 leaves the slice out of its first epoch only, measures its loss after that epoch, and then
 trains on every row (with 2-3 rows per intent, a reply row kept out for good costs facts).
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from tickettune import prompts
-from tickettune.augment import noisy_copies
-from tickettune.config import TrainConfig
-from tickettune.data import Example
-from tickettune.modeling import INTENT_ADAPTER, REPLY_ADAPTER, free_memory, out_of_memory_error
+from tickettune.pipeline import prompts
+from tickettune.pipeline.augment import noisy_copies
+from tickettune.pipeline.config import TrainConfig
+from tickettune.pipeline.data import Example
+from tickettune.pipeline.modeling import free_memory, out_of_memory_error
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -156,30 +156,14 @@ def _loss(model, batch: list[Sequence], pad_id: int, device) -> tuple[object, in
     return loss, int(scored.sum())
 
 
-def fit(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, seed: int,
-        deadline: float | None = None, autocast=contextlib.nullcontext, on_intent_trained=None) -> TrainResult:
-    """Train the intent adapter, then the reply adapter; one combined `TrainResult`.
-
-    `on_intent_trained(model)` runs when the intent adapter is trained, before the reply adapter
-    starts: the ensemble is calibrated there on the held-out rows it never saw.
-    """
-    parts = []
-    for task, adapter, epochs, join in (("intent", INTENT_ADAPTER, cfg.epochs, False),
-                                        ("reply", REPLY_ADAPTER, cfg.reply_epochs, True)):
-        task_seqs = [s for s in seqs if s.task == task]
-        if not epochs or not task_seqs:
-            continue
-        model.set_adapter(adapter)
-        parts.append(train(model, tokenizer, task_seqs, held, cfg, epochs, seed, deadline, autocast, join, task))
-        if task == "intent" and on_intent_trained is not None:
-            on_intent_trained(model)
-    model.set_adapter(INTENT_ADAPTER)
-    history = [h for p in parts for h in p.history]
+def combine(parts: list[TrainResult]) -> TrainResult:
+    """One result for several adapters: steps and tokens add up, losses are token-weighted means."""
     return TrainResult(
         steps=sum(p.steps for p in parts), tokens=sum(p.tokens for p in parts),
         train_loss=_weighted([(p.train_loss, p.train_tokens) for p in parts]),
         val_loss=_weighted([(p.val_loss, p.val_tokens) for p in parts]),
-        history=history, stopped_early=any(p.stopped_early for p in parts))
+        history=[h for p in parts for h in p.history], stopped_early=any(p.stopped_early for p in parts),
+        train_tokens=sum(p.train_tokens for p in parts), val_tokens=sum(p.val_tokens for p in parts))
 
 
 def _weighted(pairs: list[tuple[float, int]]) -> float:

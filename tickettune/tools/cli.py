@@ -1,4 +1,4 @@
-"""`tickettune` console command: eval, repro, plan, package. Training + prediction is `run.py`.
+"""`tickettune` console command: predict, eval, repro, plan, package. Training + prediction is `run.py`.
 
 Each subcommand lives in its own module, which exposes `configure(parser)` and `main(args) -> int`;
 modules are imported only when their command runs, so `tickettune plan` starts in milliseconds.
@@ -11,14 +11,18 @@ import importlib
 import sys
 
 COMMANDS = {
-    "eval": ("tickettune.evaluate", "score a results file against labels the way the grader does"),
-    "repro": ("tickettune.repro", "run a command twice and check the predictions are byte-identical"),
-    "plan": ("tickettune.plan", "print the hardware plan (model, dtype, method) without loading anything"),
-    "package": ("tickettune.package", "build and validate the submission zip"),
+    "predict": ("tickettune.tools.predict", "classify and answer tickets with a saved model (no retraining)"),
+    "eval": ("tickettune.tools.grade", "score a results file against labels the way the grader does"),
+    "repro": ("tickettune.tools.repro", "run a command twice and check the predictions are byte-identical"),
+    "plan": ("tickettune.pipeline.plan", "print the hardware plan (model, dtype, method) without loading anything"),
+    "package": ("tickettune.tools.package", "build and validate the submission zip"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tickettune.pipeline.runlog import set_process_defaults
+
+    set_process_defaults()  # before any command imports torch
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="tickettune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

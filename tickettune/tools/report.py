@@ -13,8 +13,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from tickettune.data import DataError, TicketId, load_val
-from tickettune.evaluate import Evaluation, RowScore, normalise_intent
+from tickettune.pipeline.data import DataError, TicketId, load_val
+from tickettune.tools.evaluate import Evaluation, RowScore, normalise_intent
 
 NO_PREDICTION = "(no prediction)"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tickettune.data import Example
+from tickettune.pipeline.data import Example
 
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 DEFAULT_TEMPERATURE = 0.05
@@ -77,6 +77,11 @@ class RetrievalIndex:
         idx = np.array([labels.index(e.intent) for e in examples], dtype=np.int64)
         return cls(tuple(examples), tickets, replies, labels, prototypes(tickets, replies, idx, len(labels)),
                    fit_temperature(tickets, replies, idx, len(labels)))
+
+    def without(self, rows: set[int]) -> "RetrievalIndex":
+        """The index refitted without `rows` (prototypes and temperature too): for calibrating on them."""
+        keep = [i for i in range(len(self.examples)) if i not in rows]
+        return RetrievalIndex.fit([self.examples[i] for i in keep], self.vectors[keep], self.replies[keep])
 
     def intent_logprobs(self, queries: np.ndarray) -> np.ndarray:
         """Calibrated log P(intent | ticket) from embeddings. (Q, D) -> (Q, C)."""

@@ -1,0 +1,326 @@
+"""The trained model of one support desk: it predicts tickets, saves itself into a folder, and
+loads back from that folder alone (no training file), on CPU or GPU.
+
+A `TicketModel` owns everything prediction needs: the hardware plan (which names the base model),
+the run config, the PeftModel with both adapters (intent at the root of the folder, reply in
+`reply/`), the tokenizer, the retrieval index (train tickets, intents, replies and their
+embeddings), the calibrated ensemble weight and the name of the sentence encoder.
+
+    >>> model = TicketModel.load("runs/weights")                    # doctest: +SKIP
+    >>> predictions, diagnostics = model.predict([Ticket("t1", "How do I add a seat?")])  # doctest: +SKIP
+
+`predict` is repeatable: it switches adapters and merges the reply adapter only for the duration
+of a call, restoring the weights exactly (`modeling.merged`), so a second call answers the same.
+The folder is portable: it names the base model by its plan id (`bundled:smollm2-135m`, a hub id),
+never by a path of the machine that trained it. `retrieval_only` is the safety net for when no
+model can be had at all. Exactly one `Prediction` per input row, in input order, whatever fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tickettune import __version__
+from tickettune.pipeline import modeling, prompts
+from tickettune.pipeline.config import ConfigError, RunConfig
+from tickettune.pipeline.data import DataError, Example, Ticket, read_jsonl
+from tickettune.pipeline.plan import Plan, detect_hardware
+from tickettune.pipeline.results import Prediction, TrainingStats, finite, write_json_atomic, write_jsonl
+from tickettune.pipeline.retrieval import RetrievalIndex
+
+log = logging.getLogger(__name__)
+FORMAT = 1                  # the folder layout below; a folder of another format is refused on load
+META_FILE = "tickettune.json"
+EXAMPLES_FILE = "examples.jsonl"        # the train rows: the retrieval index and the taxonomy
+EMBEDDINGS_FILE = "embeddings.safetensors"  # their ticket and reply embeddings, as trained
+HISTORY_FILE = "loss_history.json"
+KEY_FACT_REFERENCES = 3  # nearest same-intent replies consulted for the grounding check
+FALLBACK_REPLY = "Thanks for reaching out! Our support team will follow up on your ticket shortly."
+
+
+class WeightsError(RuntimeError):
+    """A weights folder that is missing, incomplete, or written by an incompatible version."""
+
+
+@dataclass
+class TicketModel:
+    plan: Plan                  # base model, device, dtype, method (the plan that actually loaded)
+    config: RunConfig
+    model: Any                  # PeftModel: adapter "default" (intent), "reply" (when replies were trained)
+    tokenizer: Any
+    index: RetrievalIndex
+    lm_weight: float            # the ensemble's weight of the fine-tuned model's label scores
+    embedder: str               # the sentence encoder that embedded the index (`embeddings.Encoder.name`)
+    training: TrainingStats | None = None  # the training block of the run that made it
+    info: dict = field(default_factory=dict)  # facts of that run, saved: held-out rows, early stop
+    history: list[dict] = field(default_factory=list)  # its loss curve, saved as loss_history.json
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.index.labels)
+
+    # --- prediction ------------------------------------------------------------------------------
+
+    def predict(self, tickets: list[Ticket], deadline: float | None = None) -> tuple[list[Prediction], list[dict]]:
+        """Predictions in input order, and one diagnostics record per row (scores, action).
+        Rows whose generation would start after `deadline` (monotonic s) get the retrieved reply."""
+        from tickettune.pipeline.embeddings import embed
+
+        if not tickets:
+            return [], []
+        vectors = embed([t.ticket for t in tickets])  # outside the LM's autocast: the encoder's own precision
+        with modeling.autocast(self.plan):
+            return self._predict(tickets, vectors, deadline)
+
+    def _predict(self, val: list[Ticket], val_vectors: np.ndarray,
+                 deadline: float | None) -> tuple[list[Prediction], list[dict]]:
+        from tickettune.pipeline.embeddings import embed
+        from tickettune.pipeline.generate import generate
+        from tickettune.pipeline.grounding import Grounded, ground, prefer_generation
+        from tickettune.pipeline.intent import combine, score_labels
+
+        cfg, index, tokenizer, labels = self.config.infer, self.index, self.tokenizer, self.labels
+        tickets = [self._ticket_text(t) for t in val]
+
+        t0 = time.perf_counter()
+        emb_logp = index.intent_logprobs(val_vectors)
+        if cfg.lm_weight + self.lm_weight > 0 and len(labels) > 1:  # scored even at weight 0: diagnostics
+            with modeling.adapter(self.model, modeling.INTENT_ADAPTER):
+                lm_logp = score_labels(self.model, tokenizer, tickets, labels, cfg.score_batch_size, cfg.list_labels)
+        else:
+            lm_logp = np.zeros_like(emb_logp)
+        chosen = combine(lm_logp, emb_logp, self.lm_weight, cfg.emb_weight)
+        intents = [labels[c] for c in chosen]
+        intent_s = (time.perf_counter() - t0) / len(val)
+        log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(labels))
+
+        ref_rows = [index.nearest(v, intent, k=KEY_FACT_REFERENCES) for v, intent in zip(val_vectors, intents)]
+        refs = [[index.examples[i].ideal_reply for i in rows] for rows in ref_rows]
+        prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
+                      for t, r in zip(tickets, refs)]
+        shown = labels if cfg.list_labels else None  # the intent prompt exactly as score_labels renders it
+        intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t, shown))[0]) for t in tickets]
+        t1 = time.perf_counter()
+        stop_ids = modeling.end_of_turn_ids(self.model, tokenizer)
+        use = modeling.merged if cfg.merge_adapter else modeling.adapter
+        with use(self.model, modeling.REPLY_ADAPTER):
+            generated = generate(self.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
+                                 stop_ids, deadline)
+        gen_s, new_tokens = time.perf_counter() - t1, sum(g.new_tokens for g in generated)
+        log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", gen_s, new_tokens, new_tokens / max(gen_s, 1e-9))
+
+        grounded_all = [ground(g.text, g.finished, r, repair=cfg.repair_replies, ticket=t.ticket)
+                        for t, g, r in zip(val, generated, refs)]
+        if cfg.repair_replies:
+            vectors = embed([gr.reply or " " for gr in grounded_all])
+            grounded_all = [gr if gr.action == "fallback" or not r or prefer_generation(v, index.replies[rows])
+                            else Grounded(r[0].strip(), "fallback", "nearest reply has the higher consensus")
+                            for gr, v, r, rows in zip(grounded_all, vectors, refs, ref_rows)]
+        out, diagnostics, actions = [], [], Counter()
+        for row, (t, intent, g, n_int, grounded) in enumerate(zip(val, intents, generated, intent_tokens, grounded_all)):
+            actions[grounded.action] += 1
+            if grounded.action == "fallback":
+                log.info("row %r: %s -> nearest retrieved reply", t.id, grounded.detail)
+            out.append(Prediction(
+                id=t.id, prediction=grounded.reply or FALLBACK_REPLY, predicted_intent=intent,
+                latency_ms=int(round((intent_s + g.seconds) * 1000)),
+                tokens_used=int(n_int + g.prompt_tokens + g.new_tokens),
+            ))
+            diagnostics.append({
+                "id": t.id, "intent": intent,
+                "lm_logp": {lab: _json_number(x) for lab, x in zip(labels, lm_logp[row])},
+                "emb_logp": {lab: _json_number(x) for lab, x in zip(labels, emb_logp[row])},
+                "reply_action": grounded.action, "reply_detail": grounded.detail, "generated": g.text,
+            })
+        log.info("replies: %s", ", ".join(f"{k} {v}" for k, v in sorted(actions.items())))
+        return out, diagnostics
+
+    def _ticket_text(self, ticket: Ticket) -> str:
+        """The ticket as the model reads it: cut to `max_ticket_tokens`, with a warning when cut or empty."""
+        text, cut = prompts.truncate_ticket(self.tokenizer, ticket.ticket, self.config.infer.max_ticket_tokens)
+        if cut:
+            log.warning("ticket %r is longer than %d tokens: truncated", ticket.id, self.config.infer.max_ticket_tokens)
+        if not text.strip():
+            log.warning("ticket %r is empty: predicting from the empty text", ticket.id)
+        return text
+
+    # --- the folder ------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Adapters (PEFT layout), tokenizer, the retrieval index and `tickettune.json` into `folder`."""
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.model.peft_config:  # portable: the plan's model id, not this machine's path
+            self.model.peft_config[name].base_model_name_or_path = self.plan.model
+        base = self.model.get_base_model()  # the adapter card names the base model and tags it with it
+        base.config.name_or_path = base.name_or_path = self.plan.model
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        write_jsonl(folder / EXAMPLES_FILE, [asdict(e) for e in self.index.examples])
+        save_file({"tickets": np.ascontiguousarray(self.index.vectors, dtype=np.float32),
+                   "replies": np.ascontiguousarray(self.index.replies, dtype=np.float32)},
+                  str(folder / EMBEDDINGS_FILE))
+        write_json_atomic(folder / HISTORY_FILE, self.history)
+        write_json_atomic(folder / META_FILE, self.metadata())  # last: a folder with it is complete
+
+    def metadata(self) -> dict:
+        import peft
+        import torch
+        import transformers
+
+        return {
+            "format": FORMAT, "tickettune": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "plan": self.plan.to_dict(), "config": self.config.to_dict(), "taxonomy": self.labels,
+            "embedder": self.embedder, "embedding_temperature": self.index.temperature,
+            "lm_weight": self.lm_weight, "reply_adapter": modeling.REPLY_ADAPTER in self.model.peft_config,
+            "training": training_record(self.training), **self.info, "loss_history": HISTORY_FILE,
+            "prompts": {"intent_system": prompts.INTENT_SYSTEM, "reply_system": prompts.REPLY_SYSTEM},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        }
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | None = None) -> "TicketModel":
+        """The model saved in `folder`, on `device` ("cpu" or "cuda"; default: a GPU when there is one).
+        Raises `WeightsError` naming what is missing or incompatible before loading any model."""
+        folder = Path(folder)
+        meta = read_metadata(folder)
+        plan = plan_for_device(Plan(**meta["plan"]), device)
+        config = RunConfig.from_dict(meta["config"])
+        examples = [Example(**o) for _, o in read_jsonl(folder / EXAMPLES_FILE, EXAMPLE_FIELDS)]
+        from safetensors.numpy import load_file
+
+        vectors = load_file(str(folder / EMBEDDINGS_FILE))
+        index = RetrievalIndex.fit(examples, vectors["tickets"], vectors["replies"])
+        if list(index.labels) != meta["taxonomy"]:
+            raise WeightsError(f"{folder / EXAMPLES_FILE}: its intents do not match the taxonomy in {META_FILE}")
+        check_embedder(meta["embedder"], folder)
+        modeling.seed_everything(config.seed, plan.device)
+        base, tokenizer = modeling.load_base(plan)
+        model = modeling.load_adapter(base, folder)
+        return cls(plan, config, model, tokenizer, index, float(meta["lm_weight"]), meta["embedder"],
+                   stats_from_record(meta.get("training")),
+                   {k: meta[k] for k in ("holdout_rows", "stopped_early") if k in meta})
+
+
+EXAMPLE_FIELDS = {"id": (str, int), "ticket": str, "intent": str, "ideal_reply": str}
+
+
+def training_record(stats: TrainingStats | None) -> dict | None:
+    """The results file's training block, for `tickettune.json` (null where nothing was measured)."""
+    if stats is None:
+        return None
+    return {"steps": int(stats.steps), "train_loss": finite(stats.train_loss, None),
+            "val_loss": finite(stats.val_loss, None), "wall_clock_s": finite(stats.wall_clock_s, None)}
+
+
+def stats_from_record(record: dict | None) -> TrainingStats | None:
+    if not record:
+        return None
+    number = (lambda x: float("nan") if x is None else float(x))
+    return TrainingStats(int(record["steps"]), number(record["train_loss"]), number(record["val_loss"]),
+                         number(record["wall_clock_s"]))
+
+
+def write_training(folder: str | Path, stats: TrainingStats) -> None:
+    """Record the run's final training block (its whole wall-clock is known only at the end)."""
+    path = Path(folder) / META_FILE
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["training"] = training_record(stats)
+    write_json_atomic(path, meta)
+
+
+def read_metadata(folder: Path) -> dict:
+    """`tickettune.json` of `folder`, checked: the folder and its files exist, the format is ours."""
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: no such weights folder (run.py --weights writes one)")
+    path = folder / META_FILE
+    if not path.is_file():
+        raise WeightsError(f"{folder}: not a tickettune weights folder ({META_FILE} is missing)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{path}: written by tickettune {meta.get('tickettune', '?')} in format "
+                           f"{meta.get('format', 'none')}; this is tickettune {__version__}, which reads format "
+                           f"{FORMAT}: retrain with run.py, or predict with that version")
+    required = ["adapter_config.json", "adapter_model.safetensors", EXAMPLES_FILE, EMBEDDINGS_FILE, "tokenizer.json"]
+    if meta.get("reply_adapter"):
+        required += [f"{modeling.REPLY_ADAPTER}/adapter_config.json", f"{modeling.REPLY_ADAPTER}/adapter_model.safetensors"]
+    missing = [name for name in required if not (folder / name).is_file()]
+    missing += [f"{META_FILE}: '{key}'" for key in ("plan", "config", "taxonomy", "embedder", "lm_weight") if key not in meta]
+    if missing:
+        raise WeightsError(f"{folder}: incomplete weights folder, missing " + ", ".join(missing))
+    try:
+        Plan(**meta["plan"])
+        RunConfig.from_dict(meta["config"])
+    except (TypeError, ConfigError) as exc:
+        raise WeightsError(f"{path}: plan or config this version cannot use ({exc})") from None
+    try:
+        read_jsonl(folder / EXAMPLES_FILE, EXAMPLE_FIELDS)
+    except DataError as exc:
+        raise WeightsError(f"{folder / EXAMPLES_FILE}: {exc}") from None
+    return meta
+
+
+def plan_for_device(saved: Plan, device: str | None) -> Plan:
+    """The saved plan, moved to `device` (default: a GPU when there is one). The base model stays the
+    one the adapters were trained on; dtype and autocast follow what this machine has."""
+    hw = detect_hardware()
+    device = device or ("cuda" if hw.cuda else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not hw.cuda):
+        raise WeightsError(f"device {device!r} is not available here")
+    if device == "cpu":
+        return replace(saved, device="cpu", dtype="float32", method="lora",
+                       autocast="bfloat16" if hw.cpu_bf16 else None)
+    if saved.device == "cuda":
+        return saved
+    return replace(saved, device="cuda", dtype="bfloat16" if hw.bf16 else "float16", autocast=None)
+
+
+def check_embedder(saved: str, folder: Path) -> None:
+    """The encoder here must embed tickets in the space the index was saved in."""
+    from tickettune.pipeline.embeddings import HASHED, load_embedder
+
+    here = load_embedder().name
+    if (saved == HASHED) != (here == HASHED):
+        raise WeightsError(f"{folder}: its index was embedded with {saved}, but here the encoder is {here}: "
+                           "install the same sentence encoder (see README)")
+    if saved != here:
+        log.warning("the index was embedded with %s; embedding tickets with %s", saved, here)
+
+
+def _json_number(x) -> float | None:
+    """A score for the diagnostics file: rounded, None where not finite (strict JSON has no NaN)."""
+    return round(float(x), 4) if np.isfinite(x) else None
+
+
+def retrieval_only(index: RetrievalIndex, val: list[Ticket]) -> list[Prediction]:
+    """The safety net when a model stage fails: the embedding classifier's intent and the nearest
+    train reply of that intent, one per row, in input order (no language model needed)."""
+    from tickettune.pipeline.embeddings import embed
+
+    if not val:
+        return []
+    labels = list(index.labels)
+    val_vectors = embed([t.ticket for t in val])
+    chosen = index.intent_logprobs(val_vectors).argmax(1)
+    out = []
+    for t, v, c in zip(val, val_vectors, chosen):
+        rows = index.nearest(v, labels[c], k=1)
+        reply = index.examples[rows[0]].ideal_reply.strip() if rows else FALLBACK_REPLY
+        out.append(Prediction(id=t.id, prediction=reply, predicted_intent=labels[c], latency_ms=0, tokens_used=0))
+    return out
