@@ -217,7 +217,8 @@ def test_eval_command_through_the_llm_judge(server, tmp_path, capsys):
                          "latency_ms": 1, "tokens_used": 1}]}))
     args = Namespace(results=str(tmp_path / "results.json"), labels=str(tmp_path / "labels.jsonl"),
                      synonyms=None, json=False, judge_model="gpt-4o-mini", budget_usd=3.0,
-                     judge_cache=str(tmp_path / "cache"), offline=False, report=None, weights=None)
+                     judge_cache=str(tmp_path / "cache"), offline=False, report=None, weights=None,
+                     forgetting=None)
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "judge: gpt-4o-mini | calls 1" in captured.out and "est. cost $" in captured.out

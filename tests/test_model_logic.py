@@ -270,3 +270,20 @@ def test_a_model_without_the_reply_adapter_writes_with_the_base_weights(tiny_mod
             with use(model, REPLY_ADAPTER):
                 assert torch.allclose(model(input_ids=ids).logits, base, atol=1e-6)
         assert not torch.allclose(model(input_ids=ids).logits, base, atol=1e-4)  # the intent adapter is back
+
+
+def test_ragged_continuations_match_naive_scoring(tiny_model, tokenizer):
+    """Per-prompt continuation lists of different counts and lengths (multiple-choice options):
+    the shared-prefix batch equals scoring every (prompt, continuation) pair on its own."""
+    from tickettune.pipeline.likelihood import continuation_logprobs
+
+    prompts_ids = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    continuations = [[[20], [21, 22, 23]], [[24, 25], [26], [27, 28], [29]], [[30, 31, 32, 33]]]
+    fast = continuation_logprobs(tiny_model, prompts_ids, continuations, tokenizer.pad_token_id, batch_size=2)
+    for p, conts, got in zip(prompts_ids, continuations, fast):
+        expected = []
+        for c in conts:
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny_model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+            expected.append(sum(logp[len(p) - 1 + k, tok].item() for k, tok in enumerate(c)))
+        assert got.shape == (len(conts),) and np.allclose(got, expected, atol=1e-4)

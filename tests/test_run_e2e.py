@@ -126,3 +126,23 @@ def test_a_loaded_model_predicts_twice_alike_with_the_gpu_settings(two_runs):
     first, _ = model.predict(tickets)
     second, _ = model.predict(tickets)
     assert [(p.predicted_intent, p.prediction) for p in first] == [(p.predicted_intent, p.prediction) for p in second]
+
+
+def test_forgetting_scores_the_base_and_both_adapters(two_runs, tmp_path):
+    (_, _, weights), _, _, _ = two_runs
+    questions = tmp_path / "arc.jsonl"
+    write_jsonl(questions, [{"centerpiece": q, "options": opts, "correct_options_idx": [0]} for q, opts in [
+        ("What do plants need to make food?", ["sunlight", "darkness", "salt"]),
+        ("Which is a liquid at room temperature?", ["water", "iron", "stone", "wood"]),
+        ("What pulls objects toward Earth?", ["gravity", "magnetism"])]])
+    out = tmp_path / "forgetting.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tickettune", "forgetting", "--weights", str(weights), "--data",
+                           str(questions), "--batch-size", "2", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["questions"] == 3 and set(summary["adapters"]) == {"intent", "reply"}
+    for scores in [summary["base"]] + list(summary["adapters"].values()):
+        assert 0.0 <= scores["acc"] <= 1.0 and 0.0 <= scores["acc_norm"] <= 1.0
+    assert "| base |" in proc.stdout and "+ reply adapter" in proc.stdout

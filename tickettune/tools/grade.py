@@ -26,6 +26,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="use the offline judge (MiniLM cosine) even when OPENAI_API_KEY is set")
     parser.add_argument("--report", metavar="DIR", help="write an HTML report (confusion matrix, wrong rows)")
     parser.add_argument("--weights", metavar="DIR", help="weights folder; its loss_history.json goes in the report")
+    parser.add_argument("--forgetting", metavar="JSON", help="`tickettune forgetting --json` output: its table goes "
+                        "in the report and after the scores")
 
 
 def _log(message: str) -> None:
@@ -40,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         labels = load_labels(args.labels)
         synonyms = load_synonyms(args.synonyms) if args.synonyms else None
+        forgetting = load_forgetting(args.forgetting) if args.forgetting else None
     except DataError as exc:
         _log("eval: cannot use the input:\n" + "\n".join(f"  {p}" for p in exc.problems))
         return 2
@@ -63,10 +66,28 @@ def main(args: argparse.Namespace) -> int:
         from tickettune.tools import report
 
         page = report.write_report(args.report, ev, labels_path=args.labels, results_path=args.results,
-                                   weights_dir=args.weights)
+                                   weights_dir=args.weights, forgetting=forgetting)
         _log(f"eval: report written to {page}")
     if args.json:
         print(json.dumps(ev.summary(), indent=2, ensure_ascii=False))
     else:
         print(format_table(ev))
+        if forgetting:
+            from tickettune.tools.forgetting import format_table as forgetting_table
+
+            print("\ngeneral ability (tickettune forgetting):\n" + forgetting_table(forgetting))
     return 1 if ev.problems else 0
+
+
+def load_forgetting(path: str | Path) -> dict:
+    """The JSON `tickettune forgetting --json` wrote, checked for the fields the report shows."""
+    try:
+        obj = json.loads(Path(path).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError([f"{path}: cannot read a forgetting summary ({exc})"]) from exc
+    ok = isinstance(obj, dict) and isinstance(obj.get("base"), dict) and isinstance(obj.get("adapters"), dict) and all(
+        isinstance(a, dict) and {"acc", "acc_norm", "delta_acc", "ci95"} <= set(a) for a in obj["adapters"].values())
+    if not ok or not {"acc", "acc_norm"} <= set(obj["base"]):
+        raise DataError([f"{path}: not a `tickettune forgetting --json` summary (base, adapters with acc, "
+                         "acc_norm, delta_acc, ci95)"])
+    return obj

@@ -230,8 +230,26 @@ def _f(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def forgetting_section(summary: dict) -> str:
+    """The `tickettune forgetting` table: base model against each adapter on general questions."""
+    base = summary["base"]
+    rows = [f"<tr><td>base</td><td class='num'>{_f(base['acc'])}</td><td class='num'>{_f(base['acc_norm'])}</td>"
+            "<td>—</td></tr>"]
+    for name, a in summary.get("adapters", {}).items():
+        low, high = a["ci95"]
+        flag = " <span class='flag'>forgets</span>" if a["delta_acc"] < -0.02 and high < 0 else ""
+        rows.append(f"<tr><td>+ {_e(name)} adapter</td><td class='num'>{_f(a['acc'])}</td>"
+                    f"<td class='num'>{_f(a['acc_norm'])}</td><td class='num'>{a['delta_acc']:+.3f} "
+                    f"({low:+.3f} to {high:+.3f}){flag}</td></tr>")
+    return (f"<h2>General ability (forgetting check)</h2><p class='sub'>{summary.get('questions', '?')} "
+            "multiple-choice questions, zero-shot, option log-likelihood; the change from the base model with "
+            "a paired 95% confidence interval. An adapter is flagged when it loses more than 0.02 with an "
+            "interval below 0.</p><table><tr><th>model</th><th>acc</th><th>acc_norm</th>"
+            "<th>Δ acc vs base (95% CI)</th></tr>" + "".join(rows) + "</table>")
+
+
 def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss: bool,
-                title: str = "tickettune eval report") -> str:
+                title: str = "tickettune eval report", forgetting: dict | None = None) -> str:
     s = ev.summary()
     c, j = s["counts"], ev.judge
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
@@ -284,6 +302,8 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
 
     if has_loss:
         parts.append("<h2>Training loss</h2><img src='loss_curve.png' alt='training loss curve'>")
+    if forgetting:
+        parts.append(forgetting_section(forgetting))
 
     # wrong rows side by side
     bad = wrong_rows(ev.rows)
@@ -316,7 +336,8 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
 
 
 def write_report(out_dir: str | Path, ev: Evaluation, *, labels_path: str | Path | None = None,
-                 results_path: str | Path | None = None, weights_dir: str | Path | None = None) -> Path:
+                 results_path: str | Path | None = None, weights_dir: str | Path | None = None,
+                 forgetting: dict | None = None) -> Path:
     """Write index.html, confusion.png and (with a loss history) loss_curve.png; returns index.html."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +349,6 @@ def write_report(out_dir: str | Path, ev: Evaluation, *, labels_path: str | Path
         plot_loss(out / "loss_curve.png", history)
     title = f"tickettune eval: {Path(results_path).name}" if results_path else "tickettune eval report"
     page = out / "index.html"
-    page.write_text(render_html(ev, tickets=find_tickets(labels_path), has_loss=bool(history), title=title),
-                    encoding="utf-8")
+    page.write_text(render_html(ev, tickets=find_tickets(labels_path), has_loss=bool(history), title=title,
+                                forgetting=forgetting), encoding="utf-8")
     return page
