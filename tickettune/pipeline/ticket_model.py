@@ -34,7 +34,7 @@ from tickettune.pipeline.config import ConfigError, RunConfig
 from tickettune.pipeline.data import DataError, Example, Ticket, read_jsonl
 from tickettune.pipeline.plan import Plan, detect_hardware
 from tickettune.pipeline.results import Prediction, TrainingStats, finite, write_json_atomic, write_jsonl
-from tickettune.pipeline.retrieval import RetrievalIndex
+from tickettune.pipeline.retrieval import RetrievalIndex, log_softmax
 
 log = logging.getLogger(__name__)
 FORMAT = 1                  # the folder layout below; a folder of another format is refused on load
@@ -98,6 +98,7 @@ class TicketModel:
         else:
             lm_logp = np.zeros_like(emb_logp)
         chosen = combine(lm_logp, emb_logp, self.lm_weight, cfg.emb_weight)
+        probs = np.exp(log_softmax(self.lm_weight * lm_logp + cfg.emb_weight * emb_logp))  # (Q, C)
         intents = [labels[c] for c in chosen]
         intent_s = (time.perf_counter() - t0) / len(val)
         log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(labels))
@@ -136,6 +137,7 @@ class TicketModel:
             ))
             diagnostics.append({
                 "id": t.id, "intent": intent,
+                "intent_probs": {lab: round(float(p), 4) for lab, p in zip(labels, probs[row])},
                 "lm_logp": {lab: _json_number(x) for lab, x in zip(labels, lm_logp[row])},
                 "emb_logp": {lab: _json_number(x) for lab, x in zip(labels, emb_logp[row])},
                 "reply_action": grounded.action, "reply_detail": grounded.detail, "generated": g.text,
