@@ -333,7 +333,7 @@ def _write(tmp_path, labels: list[dict], res: dict):
 def _args(tmp_path, **kw) -> Namespace:
     base = dict(results=str(tmp_path / "results.json"), labels=str(tmp_path / "labels.jsonl"), synonyms=None,
                 json=True, judge_model="gpt-4o-mini", budget_usd=3.0, judge_cache=str(tmp_path / "cache"),
-                offline=True, report=None, weights=None)
+                offline=True, report=None, weights=None, forgetting=None)
     return Namespace(**{**base, **kw})
 
 

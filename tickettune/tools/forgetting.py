@@ -64,7 +64,7 @@ def encode(tokenizer, question: Question) -> tuple[list[int], list[list[int]]]:
     ...     def encode(self, text, add_special_tokens=False): return [ord(c) for c in text]
     >>> prompt, options = encode(Chars(), Question("Why?", ("A", "Bc"), 0))
     >>> len(prompt), options
-    (15, [[32, 65], [32, 66, 99]])
+    (22, [[32, 65], [32, 66, 99]])
     """
     context = f"Question: {question.text}\nAnswer:"
     prompt = tokenizer.encode(context, add_special_tokens=False)
