@@ -19,11 +19,13 @@ def test_quality_bench_prints_the_comparison_table(tmp_path):
                            "--config", str(config), "--limit-val", "4", "--json", str(out_json)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = json.loads(out_json.read_text())
+    tables = json.loads(out_json.read_text())
+    assert list(tables) == ["northstar"]
+    table = tables["northstar"]
     assert list(table) == ["knn-copy", "finetune-copy", "intent: lm only", "intent: emb only", "tickettune"]
     for row in table.values():
         assert 0.0 <= row["intent"] <= 1.0 and 0.0 <= row["composite"] <= 1.0
-    assert "| tickettune |" in proc.stdout
+    assert "| northstar | tickettune |" in proc.stdout and "reply gain over copying" in proc.stdout
 
 
 def gpu_defaults(**train) -> dict:

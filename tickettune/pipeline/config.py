@@ -41,6 +41,9 @@ class TrainConfig:
     augment_copies: int = 2         # noisy copies (typos, casing, terse) of each intent row
 
 
+REPLY_SOURCES = ("auto", "generate", "retrieve")
+
+
 @dataclass(frozen=True)
 class InferConfig:
     max_new_tokens: int = 120
@@ -52,7 +55,8 @@ class InferConfig:
     calibrate_lm_weight: bool = True  # choose lm_weight on the held-out rows (lm_weight when none)
     emb_weight: float = 1.0         # weight of the embedding classifier's log-probs
     list_labels: bool = False       # show the taxonomy in the intent prompt (helps large models)
-    repair_replies: bool = True     # grounding rules 3-4: drop unsupported, restore facts, consensus check
+    repair_replies: bool = True     # grounding rule 3: drop unsupported sentences, restore key facts
+    reply_source: str = "auto"      # "auto": generate or compose, as the held-out rows say; or force one
     merge_adapter: bool = False     # merge LoRA into the base weights for prediction (after saving)
 
 
@@ -153,6 +157,7 @@ def validate(cfg: RunConfig) -> list[str]:
         (i.score_batch_size >= 1, "infer.score_batch_size must be >= 1"),
         (i.max_ticket_tokens >= 8, "infer.max_ticket_tokens must be >= 8"),
         (i.n_references >= 0, "infer.n_references must be >= 0"),
+        (i.reply_source in REPLY_SOURCES, f"infer.reply_source must be one of {', '.join(REPLY_SOURCES)}"),
         (i.lm_weight >= 0 and i.emb_weight >= 0 and i.lm_weight + i.emb_weight > 0,
          "infer.lm_weight and infer.emb_weight must be >= 0, not both 0"),
         (cfg.budget_s > 0, "budget_s must be > 0"),

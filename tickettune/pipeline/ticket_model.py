@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from tickettune.pipeline import modeling, prompts
 from tickettune.pipeline.config import ConfigError, RunConfig
 from tickettune.pipeline.data import DataError, Example, Ticket, read_jsonl
 from tickettune.pipeline.plan import Plan, detect_hardware
+from tickettune.pipeline.replies import ReplyBank, ReplyPolicy
 from tickettune.pipeline.results import Prediction, TrainingStats, finite, write_json_atomic, write_jsonl
 from tickettune.pipeline.retrieval import RetrievalIndex, log_softmax
 
 log = logging.getLogger(__name__)
-FORMAT = 1                  # the folder layout below; a folder of another format is refused on load
+FORMAT = 2                  # the folder layout below; a folder of another format is refused on load
 META_FILE = "tickettune.json"
 EXAMPLES_FILE = "examples.jsonl"        # the train rows: the retrieval index and the taxonomy
 EMBEDDINGS_FILE = "embeddings.safetensors"  # their ticket and reply embeddings, as trained
@@ -62,10 +64,20 @@ class TicketModel:
     training: TrainingStats | None = None  # the training block of the run that made it
     info: dict = field(default_factory=dict)  # facts of that run, saved: held-out rows, early stop
     history: list[dict] = field(default_factory=list)  # its loss curve, saved as loss_history.json
+    reply_policy: ReplyPolicy = field(default_factory=ReplyPolicy)  # generate or compose, chosen by the run
 
     @property
     def labels(self) -> list[str]:
         return list(self.index.labels)
+
+    @cached_property
+    def bank(self) -> ReplyBank:
+        """The train replies for ranking and composing (sentence embeddings computed once)."""
+        from tickettune.pipeline.embeddings import embed
+
+        examples = self.index.examples
+        return ReplyBank([e.intent for e in examples], [e.ticket for e in examples],
+                         [e.ideal_reply for e in examples], self.index.vectors, self.index.replies, embed)
 
     # --- prediction ------------------------------------------------------------------------------
 
@@ -82,68 +94,81 @@ class TicketModel:
 
     def _predict(self, val: list[Ticket], val_vectors: np.ndarray,
                  deadline: float | None) -> tuple[list[Prediction], list[dict]]:
-        from tickettune.pipeline.embeddings import embed
-        from tickettune.pipeline.generate import generate
-        from tickettune.pipeline.grounding import Grounded, ground, prefer_generation
-        from tickettune.pipeline.intent import combine, score_labels
-
-        cfg, index, tokenizer, labels = self.config.infer, self.index, self.tokenizer, self.labels
         tickets = [self._ticket_text(t) for t in val]
-
         t0 = time.perf_counter()
-        emb_logp = index.intent_logprobs(val_vectors)
-        if cfg.lm_weight + self.lm_weight > 0 and len(labels) > 1:  # scored even at weight 0: diagnostics
-            with modeling.adapter(self.model, modeling.INTENT_ADAPTER):
-                lm_logp = score_labels(self.model, tokenizer, tickets, labels, cfg.score_batch_size, cfg.list_labels)
-        else:
-            lm_logp = np.zeros_like(emb_logp)
-        chosen = combine(lm_logp, emb_logp, self.lm_weight, cfg.emb_weight)
-        probs = np.exp(log_softmax(self.lm_weight * lm_logp + cfg.emb_weight * emb_logp))  # (Q, C)
-        intents = [labels[c] for c in chosen]
+        intents, probs, experts = self._intents(tickets, val_vectors)
         intent_s = (time.perf_counter() - t0) / len(val)
-        log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(labels))
+        log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(self.labels))
+        ranked = [self.bank.rank(v, t.ticket, intent) for v, t, intent in zip(val_vectors, val, intents)]
+        written = self.write_replies(tickets, [t.ticket for t in val], val_vectors, ranked, deadline)
 
-        ref_rows = [index.nearest(v, intent, k=KEY_FACT_REFERENCES) for v, intent in zip(val_vectors, intents)]
-        refs = [[index.examples[i].ideal_reply for i in rows] for rows in ref_rows]
-        prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
-                      for t, r in zip(tickets, refs)]
-        shown = labels if cfg.list_labels else None  # the intent prompt exactly as score_labels renders it
-        intent_tokens = [len(prompts.render(tokenizer, prompts.intent_messages(t, shown))[0]) for t in tickets]
-        t1 = time.perf_counter()
-        stop_ids = modeling.end_of_turn_ids(self.model, tokenizer)
-        use = modeling.merged if cfg.merge_adapter else modeling.adapter
-        with use(self.model, modeling.REPLY_ADAPTER):
-            generated = generate(self.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
-                                 stop_ids, deadline)
-        gen_s, new_tokens = time.perf_counter() - t1, sum(g.new_tokens for g in generated)
-        log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", gen_s, new_tokens, new_tokens / max(gen_s, 1e-9))
-
-        grounded_all = [ground(g.text, g.finished, r, repair=cfg.repair_replies, ticket=t.ticket)
-                        for t, g, r in zip(val, generated, refs)]
-        if cfg.repair_replies:
-            vectors = embed([gr.reply or " " for gr in grounded_all])
-            grounded_all = [gr if gr.action == "fallback" or not r or prefer_generation(v, index.replies[rows])
-                            else Grounded(r[0].strip(), "fallback", "nearest reply has the higher consensus")
-                            for gr, v, r, rows in zip(grounded_all, vectors, refs, ref_rows)]
+        shown = self.labels if self.config.infer.list_labels else None  # the intent prompt as scored
         out, diagnostics, actions = [], [], Counter()
-        for row, (t, intent, g, n_int, grounded) in enumerate(zip(val, intents, generated, intent_tokens, grounded_all)):
+        for row, (t, text, intent, (g, grounded)) in enumerate(zip(val, tickets, intents, written)):
             actions[grounded.action] += 1
             if grounded.action == "fallback":
-                log.info("row %r: %s -> nearest retrieved reply", t.id, grounded.detail)
+                log.info("row %r: %s -> the retrieved reply", t.id, grounded.detail)
+            intent_tokens = len(prompts.render(self.tokenizer, prompts.intent_messages(text, shown))[0])
             out.append(Prediction(
                 id=t.id, prediction=grounded.reply or FALLBACK_REPLY, predicted_intent=intent,
-                latency_ms=int(round((intent_s + g.seconds) * 1000)),
-                tokens_used=int(n_int + g.prompt_tokens + g.new_tokens),
+                latency_ms=int(round((intent_s + (g.seconds if g else 0.0)) * 1000)),
+                tokens_used=int(intent_tokens + (g.prompt_tokens + g.new_tokens if g else 0)),
             ))
             diagnostics.append({
                 "id": t.id, "intent": intent,
-                "intent_probs": {lab: round(float(p), 4) for lab, p in zip(labels, probs[row])},
-                "lm_logp": {lab: _json_number(x) for lab, x in zip(labels, lm_logp[row])},
-                "emb_logp": {lab: _json_number(x) for lab, x in zip(labels, emb_logp[row])},
-                "reply_action": grounded.action, "reply_detail": grounded.detail, "generated": g.text,
+                "intent_probs": {lab: round(float(p), 4) for lab, p in zip(self.labels, probs[row])},
+                **{name: {lab: _json_number(x) for lab, x in zip(self.labels, scores[row])}
+                   for name, scores in experts.items()},
+                "reply_action": grounded.action, "reply_detail": grounded.detail,
+                "references": [self.index.examples[i].id for i in ranked[row][:KEY_FACT_REFERENCES]],
+                "generated": g.text if g else None,
             })
         log.info("replies: %s", ", ".join(f"{k} {v}" for k, v in sorted(actions.items())))
         return out, diagnostics
+
+    def _intents(self, tickets: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+        """Predicted intents, the ensemble's probabilities (Q, C) and each expert's log-probabilities."""
+        from tickettune.pipeline.intent import combine, score_labels
+
+        cfg, labels = self.config.infer, self.labels
+        emb_logp = self.index.intent_logprobs(vectors)
+        if cfg.lm_weight + self.lm_weight > 0 and len(labels) > 1:  # scored even at weight 0: diagnostics
+            with modeling.adapter(self.model, modeling.INTENT_ADAPTER):
+                lm_logp = score_labels(self.model, self.tokenizer, tickets, labels, cfg.score_batch_size,
+                                       cfg.list_labels)
+        else:
+            lm_logp = np.zeros_like(emb_logp)
+        chosen = combine(lm_logp, emb_logp, self.lm_weight, cfg.emb_weight)
+        probs = np.exp(log_softmax(self.lm_weight * lm_logp + cfg.emb_weight * emb_logp))
+        return [labels[c] for c in chosen], probs, {"lm_logp": lm_logp, "emb_logp": emb_logp}
+
+    def write_replies(self, tickets: list[str], raw_tickets: list[str], vectors: np.ndarray,
+                      ranked: list[list[int]], deadline: float | None = None) -> list[tuple]:
+        """Per ticket, (Generated or None, Grounded): the reply the run's `reply_policy` writes from
+        the train rows `ranked` for it (most relevant first). "retrieve": the composed reply.
+        "generate": the reply adapter writes from the top references, grounded in them (and the
+        ticket); a failed, degenerate or unsupported generation falls back to the composed reply."""
+        from tickettune.pipeline.generate import generate
+        from tickettune.pipeline.grounding import Grounded, ground
+
+        cfg, policy, bank = self.config.infer, self.reply_policy, self.bank
+        composed = [bank.compose(v, rows, policy.extra_sentences) for v, rows in zip(vectors, ranked)]
+        if policy.source != "generate":
+            detail = f"composed from the desk's replies (+{policy.extra_sentences} sentences at most)"
+            return [(None, Grounded(c, "retrieved", detail)) for c in composed]
+        refs = [[bank.replies[i] for i in rows[:KEY_FACT_REFERENCES]] for rows in ranked]
+        prompt_ids = [prompts.render(self.tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
+                      for t, r in zip(tickets, refs)]
+        t0 = time.perf_counter()
+        use = modeling.merged if cfg.merge_adapter else modeling.adapter
+        with use(self.model, modeling.REPLY_ADAPTER):
+            generated = generate(self.model, self.tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
+                                 modeling.end_of_turn_ids(self.model, self.tokenizer), deadline)
+        seconds, new_tokens = time.perf_counter() - t0, sum(g.new_tokens for g in generated)
+        log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", seconds, new_tokens,
+                 new_tokens / max(seconds, 1e-9))
+        return [(g, ground(g.text, g.finished, r, repair=cfg.repair_replies, ticket=raw, fallback=c))
+                for g, r, raw, c in zip(generated, refs, raw_tickets, composed)]
 
     def _ticket_text(self, ticket: Ticket) -> str:
         """The ticket as the model reads it: cut to `max_ticket_tokens`, with a warning when cut or empty."""
@@ -185,7 +210,7 @@ class TicketModel:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "plan": self.plan.to_dict(), "config": self.config.to_dict(), "taxonomy": self.labels,
             "embedder": self.embedder, "embedding_temperature": self.index.temperature,
-            "lm_weight": self.lm_weight, "reply_adapter": modeling.REPLY_ADAPTER in self.model.peft_config,
+            "lm_weight": self.lm_weight, "reply_policy": self.reply_policy.to_dict(), "reply_adapter": modeling.REPLY_ADAPTER in self.model.peft_config,
             "training": training_record(self.training), **self.info, "loss_history": HISTORY_FILE,
             "prompts": {"intent_system": prompts.INTENT_SYSTEM, "reply_system": prompts.REPLY_SYSTEM},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
@@ -212,7 +237,8 @@ class TicketModel:
         model = modeling.load_adapter(base, folder)
         return cls(plan, config, model, tokenizer, index, float(meta["lm_weight"]), meta["embedder"],
                    stats_from_record(meta.get("training")),
-                   {k: meta[k] for k in ("holdout_rows", "stopped_early") if k in meta})
+                   {k: meta[k] for k in ("holdout_rows", "stopped_early") if k in meta},
+                   reply_policy=ReplyPolicy(**meta["reply_policy"]))
 
 
 EXAMPLE_FIELDS = {"id": (str, int), "ticket": str, "intent": str, "ideal_reply": str}
@@ -263,14 +289,16 @@ def read_metadata(folder: Path) -> dict:
     if meta.get("reply_adapter"):
         required += [f"{modeling.REPLY_ADAPTER}/adapter_config.json", f"{modeling.REPLY_ADAPTER}/adapter_model.safetensors"]
     missing = [name for name in required if not (folder / name).is_file()]
-    missing += [f"{META_FILE}: '{key}'" for key in ("plan", "config", "taxonomy", "embedder", "lm_weight") if key not in meta]
+    missing += [f"{META_FILE}: '{key}'" for key in ("plan", "config", "taxonomy", "embedder", "lm_weight", "reply_policy")
+                if key not in meta]
     if missing:
         raise WeightsError(f"{folder}: incomplete weights folder, missing " + ", ".join(missing))
     try:
         Plan(**meta["plan"])
         RunConfig.from_dict(meta["config"])
+        ReplyPolicy(**meta["reply_policy"])
     except (TypeError, ConfigError) as exc:
-        raise WeightsError(f"{path}: plan or config this version cannot use ({exc})") from None
+        raise WeightsError(f"{path}: plan, config or reply policy this version cannot use ({exc})") from None
     try:
         read_jsonl(folder / EXAMPLES_FILE, EXAMPLE_FIELDS)
     except DataError as exc:

@@ -1,0 +1,95 @@
+"""Replies from the desk's own words: ranking by the ticket's sub-case, composition, the quality
+proxy and the per-run choices (pure: hand-made vectors, no model)."""
+
+import numpy as np
+import pytest
+
+from tickettune.pipeline.replies import (
+    ReplyBank,
+    choose_extra_sentences,
+    content_words,
+    generation_wins,
+    proxy_quality,
+)
+
+REPLIES = [
+    "Upgrades under Settings → Billing → Plan take effect immediately. You pay a prorated amount now.",
+    "Downgrades take effect at the end of the billing period. Team drops to 10 free guests.",
+    "Reset your password from the login page. The link is valid for 1 hour.",
+]
+TICKETS = ["How do I upgrade to Business?", "Can we downgrade to Team next month?", "I forgot my password"]
+INTENTS = ["billing.plan", "billing.plan", "account.password"]
+
+
+def unit(*xs):
+    v = np.array(xs, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def fake_embed(texts):
+    """Deterministic 3-d 'embeddings': how much a text is about upgrading, downgrading, passwords."""
+    out = [unit(1 + 3 * ("upgrad" in t.lower()) + ("prorat" in t.lower()),
+                1 + 3 * ("downgrad" in t.lower()) + ("period" in t.lower()),
+                1 + 3 * ("password" in t.lower()) + ("link" in t.lower())) for t in texts]
+    return np.array(out).reshape(len(texts), 3)
+
+
+@pytest.fixture()
+def bank():
+    return ReplyBank(INTENTS, TICKETS, REPLIES, fake_embed(TICKETS), fake_embed(REPLIES), fake_embed)
+
+
+def test_ranking_keeps_to_the_intent_and_follows_the_sub_case(bank):
+    query = "we want to downgrade at the end of the period"
+    assert bank.rank(fake_embed([query])[0], query, "billing.plan") == [1, 0]
+    assert bank.rank(fake_embed(["upgrade"])[0], "upgrade now", "billing.plan") == [0, 1]
+    assert bank.rank(fake_embed([query])[0], query, "billing.plan", exclude=1) == [0]
+    assert bank.rank(fake_embed([query])[0], query, "no.such.intent") == []
+
+
+def test_composition_borrows_only_sentences_with_new_facts_most_relevant_first(bank):
+    v = fake_embed(["downgrade"])[0]
+    assert bank.compose(v, [1, 0], 0) == REPLIES[1]
+    one = bank.compose(v, [1, 0], 1)
+    assert one.startswith(REPLIES[1]) and one.count("Settings → Billing → Plan") == 1  # the sentence with facts
+    assert bank.compose(v, [1, 0], 5) == one  # the other sentence of reply 0 states no new fact
+    assert bank.compose(v, [], 2) == ""
+
+
+def test_every_composed_sentence_comes_from_a_retrieved_reply(bank):
+    v = fake_embed(["upgrade"])[0]
+    composed = bank.compose(v, [0, 1], 2)
+    sentences = {s for r in REPLIES[:2] for s in r.split(". ")}
+    assert all(any(part.rstrip(".") in s or s in part for s in sentences) for part in composed.split(". "))
+
+
+def test_content_words_drop_stopwords_and_short_words():
+    assert content_words("Can I have 2 seats on the Team plan?") == {"seats", "team", "plan"}
+
+
+def test_proxy_rewards_the_ideal_facts_and_penalises_others():
+    v = unit(1, 0, 0)
+    ideal = "It costs $8 on Team, see Settings → Billing."
+    assert proxy_quality(ideal, ideal, v, v) == 1.0
+    assert proxy_quality("It costs $8 on Team.", ideal, v, v) == pytest.approx(0.5 + 0.25 * 2 / 3 + 0.25)
+    assert proxy_quality("It costs $16 on Business.", ideal, v, v) == 0.5
+    assert proxy_quality("No facts at all here.", "None here either.", v, v) == 1.0
+
+
+def test_leave_one_out_choice_prefers_fewer_sentences_on_a_tie(bank):
+    k, means = choose_extra_sentences(bank, TICKETS, fake_embed)
+    assert set(means) == {0, 1, 2} and k == max(means, key=lambda n: (means[n], -n))
+    lonely = ReplyBank(["a", "b"], ["x", "y"], ["One.", "Two."], fake_embed(["x", "y"]), fake_embed(["One.", "Two."]),
+                       fake_embed)
+    assert choose_extra_sentences(lonely, ["x", "y"], fake_embed) == (0, {})  # no intent has two rows
+
+
+@pytest.mark.parametrize("pairs, wins", [
+    ([], False),
+    ([(0.7, 0.6)], True),
+    ([(0.6, 0.6), (0.6, 0.6)], False),
+    ([(0.8, 0.6), (0.7, 0.6), (0.9, 0.7)], True),
+    ([(0.9, 0.6), (0.5, 0.6), (0.6, 0.6)], False),
+])
+def test_generation_must_win_by_more_than_the_noise(pairs, wins):
+    assert generation_wins(pairs) is wins

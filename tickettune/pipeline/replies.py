@@ -1,0 +1,154 @@
+"""Replies from the desk's own words: rank train replies by what the ticket asks, compose a reply
+from them, score any candidate against an ideal reply, and choose the reply policy per run.
+
+Ranking (`rank`): same-intent train rows by cos(ticket, train ticket) + 2·cos(ticket, train reply)
++ 0.5·(share of the ticket's content words found in the row's ticket or reply). The reply term
+finds the reply that covers the ticket's sub-case, the word term the plan name, number or verb
+("downgrade") that embeddings blur. These three weights were chosen once, on data/northstar's val
+rows, and are reported untouched on data/northstar-alt and the Bitext sample (bench/quality.py).
+
+Composition (`compose`): the best-ranked reply, plus up to `k` sentences of the next two replies
+that state a fact (`grounding.facts`) it does not, most ticket-relevant first. Every sentence is
+the company's own, so a composed reply never states a fact no retrieved reply supports.
+
+`proxy_quality` mirrors the grader's reply score without labels it does not have: ½ embedding
+cosine to the ideal reply (the judge) + ¼ recall of the ideal's facts (must-mention) + ¼ precision
+of the candidate's facts (must-not-mention: a sibling case's facts count against it). The run
+chooses `k` by this proxy, leave-one-out over its own train rows (`choose_extra_sentences`), and
+generation versus composition on its held-out rows (`fit.choose_reply_source`).
+
+Pure numpy and text over precomputed, L2-normalised embeddings: no model here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tickettune.pipeline.augment import STOPWORDS
+from tickettune.pipeline.grounding import facts, split_sentences
+
+RANK_WEIGHTS = (1.0, 2.0, 0.5)   # ticket cosine, reply cosine, content-word overlap (chosen on data/northstar)
+EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
+COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
+_WORD = re.compile(r"[a-z0-9$€£%]+")
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased words that carry the ticket's sub-case: no stopwords, no 1-2 letter words.
+
+    >>> sorted(content_words("How do I downgrade to the Team plan?"))
+    ['downgrade', 'plan', 'team']
+    """
+    return frozenset(w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS)
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """How this run writes replies, and the evidence it chose by (saved with the model)."""
+    source: str = "generate"        # "generate": the reply adapter writes, grounded; "retrieve": `compose`
+    extra_sentences: int = 0        # `compose`'s k, for retrieved replies and generation fallbacks
+    evidence: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "extra_sentences": self.extra_sentences, "evidence": self.evidence}
+
+
+class ReplyBank:
+    """The train replies, their sentences and embeddings, for ranking and composing."""
+
+    def __init__(self, intents: list[str], tickets: list[str], replies: list[str], ticket_vectors: np.ndarray,
+                 reply_vectors: np.ndarray, embed):
+        self.intents, self.replies = intents, [r.strip() for r in replies]
+        self.ticket_vectors, self.reply_vectors = ticket_vectors, reply_vectors
+        self.words = [content_words(t + " " + r) for t, r in zip(tickets, replies)]
+        self.sentences = [split_sentences(r) for r in self.replies]
+        flat = [s for sents in self.sentences for s in sents]
+        vectors = embed(flat) if flat else np.zeros((0, ticket_vectors.shape[1]), dtype=np.float32)
+        bounds = np.cumsum([0] + [len(s) for s in self.sentences])
+        self.sentence_vectors = [vectors[bounds[i]:bounds[i + 1]] for i in range(len(self.sentences))]
+
+    def rank(self, vector: np.ndarray, text: str, intent: str, exclude: int | None = None) -> list[int]:
+        """Rows of `intent` (all of them, but `exclude`), most relevant to the ticket first."""
+        wt, wr, ww = RANK_WEIGHTS
+        words = content_words(text)
+        rows = [i for i, it in enumerate(self.intents) if it == intent and i != exclude]
+        score = {i: wt * float(self.ticket_vectors[i] @ vector) + wr * float(self.reply_vectors[i] @ vector)
+                 + ww * len(words & self.words[i]) / max(1, len(words)) for i in rows}
+        return sorted(rows, key=lambda i: (-round(score[i], 6), i))
+
+    def compose(self, vector: np.ndarray, rows: list[int], k: int) -> str:
+        """The reply of `rows[0]` plus up to `k` sentences of the next replies that add a fact to it,
+        most similar to the ticket first (ties: reply order). '' when `rows` is empty."""
+        if not rows:
+            return ""
+        best = self.replies[rows[0]]
+        if k <= 0:
+            return best
+        have = facts(best)
+        pool = [(float(v @ vector), n, s) for n, i in enumerate(rows[1:1 + COMPOSE_FROM])
+                for s, v in zip(self.sentences[i], self.sentence_vectors[i]) if facts(s) - have and s not in best]
+        pool.sort(key=lambda p: (-round(p[0], 6), p[1]))
+        added: list[str] = []
+        for _, _, sentence in pool:
+            if len(added) == k:
+                break
+            if facts(sentence) - have:  # a sentence already added may cover its facts
+                added.append(sentence)
+                have |= facts(sentence)
+        return " ".join([best] + added)
+
+
+def proxy_quality(candidate: str, ideal: str, candidate_vector: np.ndarray, ideal_vector: np.ndarray) -> float:
+    """½ cosine + ¼ recall of the ideal's facts + ¼ precision of the candidate's facts (see module).
+
+    >>> v = np.array([1.0, 0.0])
+    >>> proxy_quality("Go to Settings → Billing.", "Open Settings → Billing.", v, v)
+    1.0
+    >>> proxy_quality("It costs $16.", "It costs $8.", v, v)   # same words, the wrong fact
+    0.5
+    """
+    got, want = facts(candidate), facts(ideal)
+    recall = len(got & want) / len(want) if want else 1.0
+    precision = len(got & want) / len(got) if got else 1.0
+    return round(0.5 * float(candidate_vector @ ideal_vector) + 0.25 * recall + 0.25 * precision, 6)
+
+
+def choose_extra_sentences(bank: ReplyBank, tickets: list[str], embed) -> tuple[int, dict[int, float]]:
+    """`compose`'s k by leave-one-out over the train rows: each row whose intent has another row
+    gets the reply composed from the *other* rows and is scored by `proxy_quality` against its own
+    ideal reply. Returns the best k (ties: the smaller) and the mean score per k."""
+    rows = [i for i in range(len(tickets)) if any(j != i and bank.intents[j] == bank.intents[i]
+                                                  for j in range(len(tickets)))]
+    if not rows:
+        return 0, {}
+    ranked = {i: bank.rank(bank.ticket_vectors[i], tickets[i], bank.intents[i], exclude=i) for i in rows}
+    means = {}
+    for k in EXTRA_SENTENCES:
+        candidates = [bank.compose(bank.ticket_vectors[i], ranked[i], k) for i in rows]
+        vectors = embed(candidates)
+        means[k] = round(float(np.mean([proxy_quality(c, bank.replies[i], v, bank.reply_vectors[i])
+                                        for c, v, i in zip(candidates, vectors, rows)])), 4)
+    best = max(EXTRA_SENTENCES, key=lambda k: (means[k], -k))
+    return best, means
+
+
+def generation_wins(pairs: list[tuple[float, float]]) -> bool:
+    """True when generation beat composition on the held-out rows by more than the noise: the mean
+    paired gain (generated - composed quality) is positive and at least its standard error. A run
+    measures on a handful of rows; without a clear win it keeps the reply that needs no model
+    (the desk's own sentences, and a fraction of the prediction time).
+
+    >>> generation_wins([(0.8, 0.6), (0.7, 0.6), (0.9, 0.7)])
+    True
+    >>> generation_wins([(0.9, 0.6), (0.5, 0.6), (0.6, 0.6)])   # one lucky row is not a win
+    False
+    """
+    gains = np.array([g - c for g, c in pairs])
+    if len(gains) == 0 or gains.mean() <= 0:
+        return False
+    if len(gains) == 1:
+        return True
+    return bool(gains.mean() >= gains.std(ddof=1) / np.sqrt(len(gains)))
