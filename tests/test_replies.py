@@ -86,10 +86,13 @@ def test_leave_one_out_choice_prefers_fewer_sentences_on_a_tie(bank):
 
 @pytest.mark.parametrize("pairs, wins", [
     ([], False),
-    ([(0.7, 0.6)], True),
+    ([(0.7, 0.6)], False),                         # one row proves nothing
     ([(0.6, 0.6), (0.6, 0.6)], False),
+    ([(0.7, 0.6), (0.7, 0.6)], True),              # the same clear gain twice
     ([(0.8, 0.6), (0.7, 0.6), (0.9, 0.7)], True),
     ([(0.9, 0.6), (0.5, 0.6), (0.6, 0.6)], False),
+    # data/northstar-alt's held-out rows: +0.04 on average, carried by one row (p = 0.10)
+    ([(0.9088, 0.8653), (0.772, 0.7729), (0.8336, 0.6703), (0.786, 0.7869), (0.7349, 0.7083), (0.8716, 0.8716)], False),
 ])
-def test_generation_must_win_by_more_than_the_noise(pairs, wins):
+def test_generation_must_win_beyond_chance(pairs, wins):
     assert generation_wins(pairs) is wins

@@ -10,8 +10,8 @@ Phases, in order (each a call below, none hidden in a callback):
 5. choose the reply policy from evidence the run measures itself (`replies`): how many sentences
    a composed reply borrows, leave-one-out over the train rows; then whether the reply adapter
    writes replies at all: it generates for the held-out rows, and its grounded generations must
-   beat the composed replies there by `replies.proxy_quality`, by more than the measurement's
-   noise (`replies.generation_wins`), or the run composes. So a 135M model
+   beat the composed replies there by `replies.proxy_quality`, beyond chance (a one-sided paired
+   t-test at 5 %, `replies.generation_wins`), or the run composes. So a 135M model
    on a CPU may compose where a 7B model on a GPU generates, with no setting changed.
 See `train` for the loop and val_loss, `intent` for the ensemble. Does not load or save models.
 """

@@ -15,7 +15,7 @@ the company's own, so a composed reply never states a fact no retrieved reply su
 cosine to the ideal reply (the judge) + ¼ recall of the ideal's facts (must-mention) + ¼ precision
 of the candidate's facts (must-not-mention: a sibling case's facts count against it). The run
 chooses `k` by this proxy, leave-one-out over its own train rows (`choose_extra_sentences`), and
-generation versus composition on its held-out rows (`fit.choose_reply_source`).
+generation versus composition on its held-out rows (`fit.choose_reply_policy`).
 
 Pure numpy and text over precomputed, L2-normalised embeddings: no model here.
 """
@@ -135,20 +135,23 @@ def choose_extra_sentences(bank: ReplyBank, tickets: list[str], embed) -> tuple[
     return best, means
 
 
-def generation_wins(pairs: list[tuple[float, float]]) -> bool:
-    """True when generation beat composition on the held-out rows by more than the noise: the mean
-    paired gain (generated - composed quality) is positive and at least its standard error. A run
-    measures on a handful of rows; without a clear win it keeps the reply that needs no model
-    (the desk's own sentences, and a fraction of the prediction time).
+def generation_wins(pairs: list[tuple[float, float]], level: float = 0.05) -> bool:
+    """True when generation beat composition on the held-out rows beyond chance: a one-sided paired
+    t-test of the gains (generated - composed quality) at `level`. A run measures on a handful of
+    rows, so the burden of proof is on generation: without a clear win it keeps the reply that
+    needs no model (the desk's own sentences, and a fraction of the prediction time). Fewer than
+    two rows prove nothing.
 
     >>> generation_wins([(0.8, 0.6), (0.7, 0.6), (0.9, 0.7)])
     True
     >>> generation_wins([(0.9, 0.6), (0.5, 0.6), (0.6, 0.6)])   # one lucky row is not a win
     False
     """
+    from scipy.stats import ttest_1samp
+
     gains = np.array([g - c for g, c in pairs])
-    if len(gains) == 0 or gains.mean() <= 0:
+    if len(gains) < 2 or gains.mean() <= 0:
         return False
-    if len(gains) == 1:
+    if np.all(gains == gains[0]):  # no spread: every row gained the same
         return True
-    return bool(gains.mean() >= gains.std(ddof=1) / np.sqrt(len(gains)))
+    return bool(ttest_1samp(gains, 0.0, alternative="greater").pvalue < level)
