@@ -30,7 +30,7 @@ from tickettune.pipeline.plan import (BUNDLED, ENV_MODEL, Hardware, Plan, decide
 
 log = logging.getLogger("tickettune")
 EXIT_BAD_INPUT = 2
-INFER_S_PER_ROW = {"cpu": 2.5, "cuda": 0.5}  # pessimistic, for the budget guard
+END_MARGIN_S = 3.0  # the budget's last seconds: writing the results and the diagnostics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,8 +158,7 @@ def train_and_save(job: Job, clock, index, problems: list[str]):
             raise
     cfg = job.cfg if plan == job.plan else job.config_for(plan)  # a fallback: its device's defaults
     with clock.stage("train"):
-        model = fit(base, tokenizer, plan, cfg, index,
-                    deadline=clock.start + cfg.budget_s - reserve_s(plan, job.val_rows))
+        model = fit(base, tokenizer, plan, cfg, index, val_rows=len(job.val_rows), deadline=end_of(clock, cfg))
         model.training = replace(model.training, wall_clock_s=clock.elapsed())
     with clock.stage("save model"):
         best_effort(problems, f"the model in {job.weights}", lambda: model.save(job.weights))
@@ -170,7 +169,7 @@ def predict_and_log(job: Job, clock, model, problems: list[str]):
     """Every val row's prediction; the per-row diagnostics go to the weights folder (best-effort)."""
     from tickettune.pipeline.results import write_jsonl
 
-    predictions, diagnostics = model.predict(job.val_rows, deadline=clock.start + model.config.budget_s - 10)
+    predictions, diagnostics = model.predict(job.val_rows, deadline=end_of(clock, model.config))
     best_effort(problems, "diagnostics.jsonl", lambda: write_jsonl(job.weights / "diagnostics.jsonl", diagnostics))
     if model.plan.device == "cuda":
         import torch
@@ -192,9 +191,9 @@ class PathError(ValueError):
     pass
 
 
-def reserve_s(plan, val_rows: list) -> float:
-    """Seconds kept for prediction when training checks the budget (pessimistic per-row cost)."""
-    return 15 + INFER_S_PER_ROW[plan.device] * len(val_rows)
+def end_of(clock, cfg: config.RunConfig) -> float:
+    """When the model stages must be done (monotonic s) for the run to end within its budget."""
+    return clock.start + cfg.budget_s - END_MARGIN_S
 
 
 def load_inputs(train_path: str, val_path: str) -> tuple[list[data.Example], list[data.Ticket]]:

@@ -19,12 +19,13 @@ See `train` for the loop and val_loss, `intent` for the ensemble. Does not load 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import Counter
 
 import numpy as np
 
-from tickettune.pipeline import intent, modeling, prompts, replies, train
+from tickettune.pipeline import budget, intent, modeling, prompts, replies, train
 from tickettune.pipeline.config import RunConfig
 from tickettune.pipeline.embeddings import embed, load_embedder
 from tickettune.pipeline.plan import Plan
@@ -34,13 +35,18 @@ from tickettune.pipeline.retrieval import RetrievalIndex
 from tickettune.pipeline.ticket_model import TicketModel
 
 log = logging.getLogger(__name__)
+HELDOUT_REPLIES = 16    # held-out rows the reply policy generates for, at most
+PROBE_TICKETS = 4       # tickets scored to measure the scoring cost
+PROBE_NEW_TOKENS = 4    # decoding steps timed to measure the generation cost
 
 
-def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex,
+def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_rows: int = 0,
         deadline: float | None = None) -> TicketModel:
     """Train both adapters on `base` (which becomes the PeftModel inside the result), calibrate the
-    ensemble on the held-out rows, and return the trained `TicketModel`. Training stops early at
-    `deadline` (monotonic s). The caller, who owns the clock, fills in `training.wall_clock_s`."""
+    ensemble on the held-out rows, choose the reply policy, and return the trained `TicketModel`.
+    `deadline` (monotonic s) is when the whole run must end, `val_rows` how many tickets it must
+    still predict: the budget plan (`budget`) sizes training to leave prediction its time. The
+    caller, who owns the clock, fills in `training.wall_clock_s`."""
     examples = list(index.examples)
     trained = TicketModel(plan, cfg, None, tokenizer, index, cfg.infer.lm_weight, load_embedder().name)
     modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
@@ -49,27 +55,92 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex,
                                  list(index.labels) if cfg.infer.list_labels else None,
                                  cfg.infer.max_ticket_tokens, cfg.seed)
     held = train.holdout_rows(examples, cfg.train.holdout_frac, cfg.seed)
-    run = dict(cfg=cfg.train, seed=cfg.seed, deadline=deadline, autocast=lambda: modeling.training_context(plan))
+    schedule = plan_budget(trained, seqs, held, val_rows, deadline)
+    trainable = set(schedule.rows)
+    seqs = [s for s in seqs if s.row in trainable or s.row in held]  # held rows: measured, never trained on
+    reserve_end = None if deadline is None else deadline - schedule.reserve_s
+    run = dict(cfg=cfg.train, seed=cfg.seed, deadline=reserve_end, autocast=lambda: modeling.training_context(plan))
 
     parts = []
-    with modeling.adapter(model, modeling.INTENT_ADAPTER):
-        parts.append(train.train(model, tokenizer, [s for s in seqs if s.task == "intent"], held,
-                                 epochs=cfg.train.epochs, join=False, task="intent", **run))
+    if schedule.intent_epochs:
+        with modeling.adapter(model, modeling.INTENT_ADAPTER):
+            parts.append(train.train(model, tokenizer, [s for s in seqs if s.task == "intent"], held,
+                                     epochs=schedule.intent_epochs, join=False, task="intent", **run))
     if cfg.infer.calibrate_lm_weight:
         trained.lm_weight = calibrate(model, tokenizer, plan, cfg, index, held)
     reply_seqs = [s for s in seqs if s.task == "reply"]
-    if cfg.train.reply_epochs and reply_seqs:
+    if schedule.reply_epochs and reply_seqs:
         with modeling.adapter(model, modeling.REPLY_ADAPTER):
-            parts.append(train.train(model, tokenizer, reply_seqs, held, epochs=cfg.train.reply_epochs,
+            parts.append(train.train(model, tokenizer, reply_seqs, held, epochs=schedule.reply_epochs,
                                      join=False, task="reply", **run))
     result = train.combine(parts)
     log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
              result.steps, result.tokens, result.train_loss, result.val_loss, len(held), trained.lm_weight)
     trained.training = TrainingStats(result.steps, result.train_loss, result.val_loss, wall_clock_s=float("nan"))
-    trained.info = {"holdout_rows": sorted(held), "stopped_early": result.stopped_early}
+    trained.info = {"holdout_rows": sorted(held), "stopped_early": result.stopped_early,
+                    "budget": schedule.to_dict()}
     trained.history = result.history
-    trained.reply_policy = choose_reply_policy(trained, held, deadline)
+    trained.reply_policy = choose_reply_policy(trained, held, reserve_end, schedule)
     return trained
+
+
+def plan_budget(model: TicketModel, seqs: list, held: set[int], val_rows: int,
+                deadline: float | None) -> budget.TrainingPlan:
+    """The training plan for the time left (everything, without a deadline), logged with its reason."""
+    cfg = model.config
+    tokens = {task: [0] * len(model.index.examples) for task in ("intent", "reply")}
+    for s in seqs:
+        if s.row not in held:
+            tokens[s.task][s.row] += len(s.input_ids)
+    work = budget.Workload(tuple(tokens["intent"]), tuple(tokens["reply"]),
+                           tuple(e.intent for e in model.index.examples), cfg.train.epochs,
+                           cfg.train.reply_epochs if any(tokens["reply"]) else 0, val_rows,
+                           len(held) * (1 + cfg.train.augment_copies), min(len(held), HELDOUT_REPLIES))
+    if deadline is None:
+        everything = budget.Costs(0.0, 0.0, 0.0, 0.0)
+        return budget.plan_training(work, everything, 1.0, model.index.vectors, exclude=held, measured=False)
+    costs = measure_costs(model, seqs, held, cfg.infer.reply_source != "retrieve")
+    schedule = budget.plan_training(work, costs, deadline - time.monotonic(), model.index.vectors, exclude=held)
+    log.info("budget: %s (measured: %.2f ms per intent token, %.2f ms per reply token, %.2f s per ticket "
+             "scored, %.2f s per reply generated)", schedule.reason, 1e3 * costs.intent_s_per_token,
+             1e3 * costs.reply_s_per_token, costs.score_s_per_ticket, costs.generate_s_per_reply)
+    return schedule
+
+
+def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bool) -> budget.Costs:
+    """This machine's costs, measured on a few real rows: a forward and backward pass of an intent
+    and a reply batch (gradients thrown away: nothing is learnt), scoring a few tickets, and a few
+    decoding steps of a generation batch (`generation`: when the run may generate)."""
+    cfg, plan, net, tokenizer = model.config, model.plan, model.model, model.tokenizer
+    per_token = {}
+    for task, adapter in (("intent", modeling.INTENT_ADAPTER), ("reply", modeling.REPLY_ADAPTER)):
+        task_seqs = [s for s in seqs if s.task == task and s.row not in held]
+        if not task_seqs:
+            per_token[task] = 0.0
+            continue
+        batch = train.batches(task_seqs, cfg.train.batch_size, random.Random(cfg.seed), cfg.train.max_batch_tokens)[0]
+        with modeling.adapter(net, adapter):
+            per_token[task] = train.time_step(net, tokenizer, batch, lambda: modeling.training_context(plan)) \
+                / sum(len(s.input_ids) for s in batch)
+    tickets = [e.ticket for e in model.index.examples[:PROBE_TICKETS]]
+    with modeling.autocast(plan), modeling.adapter(net, modeling.INTENT_ADAPTER):
+        score_s = min(_seconds(lambda: intent.score_labels(net, tokenizer, tickets, list(model.index.labels),
+                                                            cfg.infer.score_batch_size, cfg.infer.list_labels))
+                      for _ in range(2)) / len(tickets)  # the second call is warm
+    generate_s = 0.0
+    if generation:
+        from tickettune.pipeline.generate import generate
+
+        prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(e.ticket, [e.ideal_reply]))[0]
+                      for e in model.index.examples[:cfg.infer.gen_batch_size]]
+        stop = modeling.end_of_turn_ids(net, tokenizer)
+        with modeling.autocast(plan), modeling.adapter(net, modeling.REPLY_ADAPTER):
+            prefill = min(_seconds(lambda: generate(net, tokenizer, prompt_ids, 1, len(prompt_ids), stop))
+                          for _ in range(2))
+            longer = _seconds(lambda: generate(net, tokenizer, prompt_ids, 1 + PROBE_NEW_TOKENS, len(prompt_ids), stop))
+        step = max(0.0, longer - prefill) / PROBE_NEW_TOKENS   # one decoding step of the whole batch
+        generate_s = (prefill + step * cfg.infer.max_new_tokens) / len(prompt_ids)
+    return budget.Costs(per_token["intent"], per_token["reply"], score_s, generate_s)
 
 
 def reference_replies(model: TicketModel, k: int) -> list[list[str]]:
@@ -79,8 +150,10 @@ def reference_replies(model: TicketModel, k: int) -> list[list[str]]:
             for i, (e, v) in enumerate(zip(examples, model.index.vectors))]
 
 
-def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | None = None) -> ReplyPolicy:
-    """The run's reply policy (see the module docstring), with the numbers it was chosen by."""
+def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | None = None,
+                        schedule: budget.TrainingPlan | None = None) -> ReplyPolicy:
+    """The run's reply policy (see the module docstring), with the numbers it was chosen by. Generation
+    is measured on at most HELDOUT_REPLIES held-out rows, and only when that fits before `deadline`."""
     bank, examples, forced = model.bank, model.index.examples, model.config.infer.reply_source
     k, loo = replies.choose_extra_sentences(bank, [e.ticket for e in examples], embed)
     evidence: dict = {"extra_sentences_loo": {str(n): q for n, q in loo.items()}}
@@ -88,9 +161,10 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
         return ReplyPolicy(forced, k, evidence | {"source": f"set by infer.reply_source={forced}"})
     if not held:
         return ReplyPolicy("generate", k, evidence | {"source": "no held-out rows to measure on: generate"})
-    if deadline is not None and time.monotonic() > deadline:
+    rows = sorted(held)[:HELDOUT_REPLIES]
+    expected = len(rows) * (schedule.costs.generate_s_per_reply if schedule and schedule.costs else 0.0)
+    if deadline is not None and time.monotonic() + expected > deadline:
         return ReplyPolicy("retrieve", k, evidence | {"source": "no time left to measure generation: compose"})
-    rows = sorted(held)
     ranked = [bank.rank(model.index.vectors[i], examples[i].ticket, examples[i].intent, exclude=i) for i in rows]
     model.reply_policy = ReplyPolicy("generate", k)
     texts = [prompts.truncate_ticket(model.tokenizer, examples[i].ticket, model.config.infer.max_ticket_tokens)[0]
@@ -112,6 +186,12 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
                                                                         "retrieve": round(float(means[1]), 4)},
                                               "heldout_pairs": [[round(g, 4), round(c, 4)] for g, c in pairs],
                                               "heldout_actions": dict(Counter(g.action for _, g in written))})
+
+
+def _seconds(work) -> float:
+    t0 = time.perf_counter()
+    work()
+    return time.perf_counter() - t0
 
 
 def calibrate(model, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, held: set[int]) -> float:

@@ -26,20 +26,25 @@ class Generated:
 
 
 def generate(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-             stop_ids: list[int], deadline: float | None = None) -> list[Generated]:
-    """Greedy continuations of `prompts_ids`, in input order. Rows past `deadline` are not run."""
+             stop_ids: list[int], deadline: float | None = None, batch_s: float = 0.0) -> list[Generated]:
+    """Greedy continuations of `prompts_ids`, in input order. A batch that would end after `deadline`
+    (monotonic s; judged by the slowest batch so far, or `batch_s` before the first) is not
+    started: its rows and the rest get `text=None`, for the caller's retrieved reply."""
     results: list[Generated | None] = [None] * len(prompts_ids)
     bar = tqdm(total=len(prompts_ids), desc="reply", unit="ticket", leave=False, disable=None)
+    slowest = batch_s
     for start, stop in balanced_batches(len(prompts_ids), batch_size):
         rows = list(range(start, stop))
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() + slowest > deadline:
             log.warning("time budget reached: %d rows get the retrieved reply", len(prompts_ids) - start)
             for i in range(start, len(prompts_ids)):
                 results[i] = Generated(None, len(prompts_ids[i]), 0, False, 0.0)
             break
+        t0 = time.monotonic()
         for i, g in zip(rows, _generate_or_split(model, tokenizer, [prompts_ids[i] for i in rows],
                                                 max_new_tokens, stop_ids)):
             results[i] = g
+        slowest = max(slowest, time.monotonic() - t0)
         bar.update(len(rows))
     bar.close()
     return results  # type: ignore[return-value]

@@ -23,6 +23,7 @@ Pure numpy and text over precomputed, L2-normalised embeddings: no model here.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ from tickettune.pipeline.grounding import facts, split_sentences
 RANK_WEIGHTS = (1.0, 2.0, 0.5)   # ticket cosine, reply cosine, content-word overlap (chosen on data/northstar)
 EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
 COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
+LOO_ROWS = 300                   # train rows the leave-one-out choice of k looks at, at most
 _WORD = re.compile(r"[a-z0-9$€£%]+")
 
 
@@ -62,19 +64,32 @@ class ReplyBank:
     def __init__(self, intents: list[str], tickets: list[str], replies: list[str], ticket_vectors: np.ndarray,
                  reply_vectors: np.ndarray, embed):
         self.intents, self.replies = intents, [r.strip() for r in replies]
-        self.ticket_vectors, self.reply_vectors = ticket_vectors, reply_vectors
+        self.ticket_vectors, self.reply_vectors, self.embed = ticket_vectors, reply_vectors, embed
         self.words = [content_words(t + " " + r) for t, r in zip(tickets, replies)]
         self.sentences = [split_sentences(r) for r in self.replies]
-        flat = [s for sents in self.sentences for s in sents]
-        vectors = embed(flat) if flat else np.zeros((0, ticket_vectors.shape[1]), dtype=np.float32)
-        bounds = np.cumsum([0] + [len(s) for s in self.sentences])
-        self.sentence_vectors = [vectors[bounds[i]:bounds[i + 1]] for i in range(len(self.sentences))]
+        self._sentence_vectors: dict[int, np.ndarray] = {}  # embedded on first use: large banks need few
+        self._rows_of: dict[str, list[int]] = {}
+        for i, intent in enumerate(intents):
+            self._rows_of.setdefault(intent, []).append(i)
+
+    def prepare(self, ranked: list[list[int]]) -> None:
+        """Embed, in one call, the sentences of every reply that `compose` may borrow from for these
+        rankings (the replies after the best one)."""
+        todo = sorted({i for rows in ranked for i in rows[1:1 + COMPOSE_FROM]} - set(self._sentence_vectors))
+        flat = [s for i in todo for s in self.sentences[i]]
+        if not flat:
+            return
+        vectors = self.embed(flat)
+        start = 0
+        for i in todo:
+            self._sentence_vectors[i] = vectors[start:start + len(self.sentences[i])]
+            start += len(self.sentences[i])
 
     def rank(self, vector: np.ndarray, text: str, intent: str, exclude: int | None = None) -> list[int]:
         """Rows of `intent` (all of them, but `exclude`), most relevant to the ticket first."""
         wt, wr, ww = RANK_WEIGHTS
         words = content_words(text)
-        rows = [i for i, it in enumerate(self.intents) if it == intent and i != exclude]
+        rows = [i for i in self._rows_of.get(intent, []) if i != exclude]
         score = {i: wt * float(self.ticket_vectors[i] @ vector) + wr * float(self.reply_vectors[i] @ vector)
                  + ww * len(words & self.words[i]) / max(1, len(words)) for i in rows}
         return sorted(rows, key=lambda i: (-round(score[i], 6), i))
@@ -88,8 +103,9 @@ class ReplyBank:
         if k <= 0:
             return best
         have = facts(best)
+        self.prepare([rows])
         pool = [(float(v @ vector), n, s) for n, i in enumerate(rows[1:1 + COMPOSE_FROM])
-                for s, v in zip(self.sentences[i], self.sentence_vectors[i]) if facts(s) - have and s not in best]
+                for s, v in zip(self.sentences[i], self._sentence_vectors[i]) if facts(s) - have and s not in best]
         pool.sort(key=lambda p: (-round(p[0], 6), p[1]))
         added: list[str] = []
         for _, _, sentence in pool:
@@ -116,15 +132,19 @@ def proxy_quality(candidate: str, ideal: str, candidate_vector: np.ndarray, idea
     return round(0.5 * float(candidate_vector @ ideal_vector) + 0.25 * recall + 0.25 * precision, 6)
 
 
-def choose_extra_sentences(bank: ReplyBank, tickets: list[str], embed) -> tuple[int, dict[int, float]]:
+def choose_extra_sentences(bank: ReplyBank, tickets: list[str], embed,
+                           max_rows: int = LOO_ROWS) -> tuple[int, dict[int, float]]:
     """`compose`'s k by leave-one-out over the train rows: each row whose intent has another row
     gets the reply composed from the *other* rows and is scored by `proxy_quality` against its own
-    ideal reply. Returns the best k (ties: the smaller) and the mean score per k."""
-    rows = [i for i in range(len(tickets)) if any(j != i and bank.intents[j] == bank.intents[i]
-                                                  for j in range(len(tickets)))]
+    ideal reply (at most `max_rows` rows, spread evenly over the data). Returns the best k (ties:
+    the smaller) and the mean score per k."""
+    counts = Counter(bank.intents)
+    rows = [i for i in range(len(tickets)) if counts[bank.intents[i]] >= 2]
+    rows = rows[::-(-len(rows) // max_rows)] if rows else rows
     if not rows:
         return 0, {}
     ranked = {i: bank.rank(bank.ticket_vectors[i], tickets[i], bank.intents[i], exclude=i) for i in rows}
+    bank.prepare(list(ranked.values()))
     means = {}
     for k in EXTRA_SENTENCES:
         candidates = [bank.compose(bank.ticket_vectors[i], ranked[i], k) for i in rows]

@@ -161,9 +161,11 @@ class TicketModel:
                       for t, r in zip(tickets, refs)]
         t0 = time.perf_counter()
         use = modeling.merged if cfg.merge_adapter else modeling.adapter
+        measured = (self.info.get("budget") or {}).get("costs") or {}  # this run's own speed, when measured
+        batch_s = measured.get("generate_s_per_reply", 0.0) * min(cfg.gen_batch_size, len(prompt_ids))
         with use(self.model, modeling.REPLY_ADAPTER):
             generated = generate(self.model, self.tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
-                                 modeling.end_of_turn_ids(self.model, self.tokenizer), deadline)
+                                 modeling.end_of_turn_ids(self.model, self.tokenizer), deadline, batch_s)
         seconds, new_tokens = time.perf_counter() - t0, sum(g.new_tokens for g in generated)
         log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", seconds, new_tokens,
                  new_tokens / max(seconds, 1e-9))
@@ -237,7 +239,7 @@ class TicketModel:
         model = modeling.load_adapter(base, folder)
         return cls(plan, config, model, tokenizer, index, float(meta["lm_weight"]), meta["embedder"],
                    stats_from_record(meta.get("training")),
-                   {k: meta[k] for k in ("holdout_rows", "stopped_early") if k in meta},
+                   {k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
                    reply_policy=ReplyPolicy(**meta["reply_policy"]))
 
 

@@ -236,7 +236,7 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
         last = epoch == epochs - 1 or step >= total or stopped
-        if held_seqs and ((join and epoch == 0) or (not join and last)):
+        if held_seqs and step and ((join and epoch == 0) or (not join and last)):  # an untrained adapter: no val_loss
             with autocast():
                 val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
             history.append({"step": step, "epoch": epoch + 1, "task": task,
@@ -331,6 +331,21 @@ def _accumulate(model, batch: list[Sequence], pad_id: int, device, autocast, chu
 def _scored(seq: Sequence) -> int:
     """Tokens of `seq` that the loss scores (as `_loss` counts them: labels shifted by one)."""
     return sum(1 for label in seq.labels[1:] if label != IGNORE)
+
+
+def time_step(model, tokenizer, batch: list[Sequence], autocast=contextlib.nullcontext) -> float:
+    """Seconds of one training step's forward and backward pass over `batch` (what a step costs,
+    the optimiser's small LoRA update aside); the gradients are thrown away, nothing is learnt."""
+    device = next(model.parameters()).device
+    model.train()
+    seconds = []
+    for _ in range(2):  # the first pass also pays one-time costs (kernel selection, allocations)
+        t0 = time.perf_counter()
+        _accumulate(model, batch, tokenizer.pad_token_id, device, autocast, 1)
+        seconds.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    return min(seconds)
 
 
 def evaluate_loss(model, tokenizer, seqs: list[Sequence], batch_size: int) -> tuple[float, int]:
