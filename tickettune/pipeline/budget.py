@@ -48,6 +48,7 @@ class Workload:
     val_rows: int
     heldout_queries: int             # calibration tickets scored (held-out rows and their copies)
     heldout_replies: int             # held-out rows the reply policy generates for
+    score_val_rows: bool = True      # prediction scores labels (not when the ensemble gives the LM no weight)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def plan_training(work: Workload, costs: Costs, seconds_left: float, vectors: np
     everyone = tuple(i for i in range(len(work.intents)) if i not in exclude)
     intent_1, reply_1 = epoch_seconds(work, costs, everyone)
     full = intent_1 * work.intent_epochs + reply_1 * work.reply_epochs
-    reserve = (work.val_rows + work.heldout_queries) * costs.score_s_per_ticket \
+    reserve = (work.val_rows * work.score_val_rows + work.heldout_queries) * costs.score_s_per_ticket \
         + work.heldout_replies * costs.generate_s_per_reply
     generate = work.val_rows * costs.generate_s_per_reply
     usable = SAFETY * seconds_left
@@ -111,6 +112,8 @@ def plan_training(work: Workload, costs: Costs, seconds_left: float, vectors: np
     share = min(full, max(usable - reserve - generate, MIN_TRAIN_SHARE * (usable - reserve)))
     why = (f"{usable:.0f} s usable: {reserve:.0f} s kept for scoring and the reply policy, generating every "
            f"val reply would take {generate:.0f} s; training gets {share:.0f} s of the {full:.0f} s it wants")
+    if not work.intent_epochs and not work.reply_epochs:
+        return TrainingPlan(everyone, 0, 0, 0.0, reason="nothing to train", **done)
     # fewer epochs first, the same number for both adapters' share of time
     for epochs in range(max(work.intent_epochs, work.reply_epochs), 0, -1):
         e_i, e_r = min(epochs, work.intent_epochs), min(epochs, work.reply_epochs)

@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,24 +56,27 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
                                  list(index.labels) if cfg.infer.list_labels else None,
                                  cfg.infer.max_ticket_tokens, cfg.seed)
     held = train.holdout_rows(examples, cfg.train.holdout_frac, cfg.seed)
-    schedule = plan_budget(trained, seqs, held, val_rows, deadline)
-    trainable = set(schedule.rows)
-    seqs = [s for s in seqs if s.row in trainable or s.row in held]  # held rows: measured, never trained on
-    reserve_end = None if deadline is None else deadline - schedule.reserve_s
-    run = dict(cfg=cfg.train, seed=cfg.seed, deadline=reserve_end, autocast=lambda: modeling.training_context(plan))
+    costs = measure_costs(trained, seqs, held, cfg.infer.reply_source != "retrieve") if deadline else None
+    schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline)   # both adapters
+    run = dict(cfg=cfg.train, seed=cfg.seed, autocast=lambda: modeling.training_context(plan))
 
     parts = []
     if schedule.intent_epochs:
         with modeling.adapter(model, modeling.INTENT_ADAPTER):
-            parts.append(train.train(model, tokenizer, [s for s in seqs if s.task == "intent"], held,
-                                     epochs=schedule.intent_epochs, join=False, task="intent", **run))
+            parts.append(train.train(model, tokenizer, _rows(seqs, "intent", schedule, held), held,
+                                     epochs=schedule.intent_epochs, join=False, task="intent",
+                                     deadline=_reserve_end(deadline, schedule), **run))
     if cfg.infer.calibrate_lm_weight:
         trained.lm_weight = calibrate(model, tokenizer, plan, cfg, index, held)
-    reply_seqs = [s for s in seqs if s.task == "reply"]
-    if schedule.reply_epochs and reply_seqs:
+    if deadline:  # again for the reply adapter: the time intent training really took, and whether
+        # prediction will score labels at all (an LM weight of 0 needs no label scores)
+        schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline, intent_done=True,
+                               score_val=trained.lm_weight > 0, first=schedule)
+    if schedule.reply_epochs and _rows(seqs, "reply", schedule, held):
         with modeling.adapter(model, modeling.REPLY_ADAPTER):
-            parts.append(train.train(model, tokenizer, reply_seqs, held, epochs=schedule.reply_epochs,
-                                     join=False, task="reply", **run))
+            parts.append(train.train(model, tokenizer, _rows(seqs, "reply", schedule, held), held,
+                                     epochs=schedule.reply_epochs, join=False, task="reply",
+                                     deadline=_reserve_end(deadline, schedule), **run))
     result = train.combine(parts)
     log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
              result.steps, result.tokens, result.train_loss, result.val_loss, len(held), trained.lm_weight)
@@ -80,30 +84,48 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     trained.info = {"holdout_rows": sorted(held), "stopped_early": result.stopped_early,
                     "budget": schedule.to_dict()}
     trained.history = result.history
-    trained.reply_policy = choose_reply_policy(trained, held, reserve_end, schedule)
+    trained.reply_policy = choose_reply_policy(trained, held, _reserve_end(deadline, schedule), schedule)
     return trained
 
 
-def plan_budget(model: TicketModel, seqs: list, held: set[int], val_rows: int,
-                deadline: float | None) -> budget.TrainingPlan:
-    """The training plan for the time left (everything, without a deadline), logged with its reason."""
+def _rows(seqs: list, task: str, schedule: budget.TrainingPlan, held: set[int]) -> list:
+    """`task`'s sequences of the rows the plan trains on, and of the held-out rows (measured, never trained on)."""
+    keep = set(schedule.rows) | held
+    return [s for s in seqs if s.task == task and s.row in keep]
+
+
+def _reserve_end(deadline: float | None, schedule: budget.TrainingPlan) -> float | None:
+    """When training must stop to leave the plan's reserve (None without a deadline)."""
+    return None if deadline is None else deadline - schedule.reserve_s
+
+
+def plan_budget(model: TicketModel, seqs: list, held: set[int], val_rows: int, costs: budget.Costs | None,
+                deadline: float | None, intent_done: bool = False, score_val: bool = True,
+                first: budget.TrainingPlan | None = None) -> budget.TrainingPlan:
+    """The training plan for the time left (everything, without a deadline), logged with its reason.
+    `intent_done`: the intent adapter has trained and been calibrated on (`first` is its plan),
+    so only the reply adapter is planned; `score_val`: prediction will score labels."""
     cfg = model.config
     tokens = {task: [0] * len(model.index.examples) for task in ("intent", "reply")}
     for s in seqs:
         if s.row not in held:
             tokens[s.task][s.row] += len(s.input_ids)
+    reply_epochs = cfg.train.reply_epochs if any(tokens["reply"]) else 0
     work = budget.Workload(tuple(tokens["intent"]), tuple(tokens["reply"]),
-                           tuple(e.intent for e in model.index.examples), cfg.train.epochs,
-                           cfg.train.reply_epochs if any(tokens["reply"]) else 0, val_rows,
-                           len(held) * (1 + cfg.train.augment_copies), min(len(held), HELDOUT_REPLIES))
-    if deadline is None:
-        everything = budget.Costs(0.0, 0.0, 0.0, 0.0)
-        return budget.plan_training(work, everything, 1.0, model.index.vectors, exclude=held, measured=False)
-    costs = measure_costs(model, seqs, held, cfg.infer.reply_source != "retrieve")
+                           tuple(e.intent for e in model.index.examples), 0 if intent_done else cfg.train.epochs,
+                           reply_epochs, val_rows, 0 if intent_done else len(held) * (1 + cfg.train.augment_copies),
+                           min(len(held), HELDOUT_REPLIES), score_val_rows=score_val)
+    if deadline is None or costs is None:
+        return budget.plan_training(work, budget.Costs(0.0, 0.0, 0.0, 0.0), 1.0, model.index.vectors, exclude=held,
+                                    measured=False)
     schedule = budget.plan_training(work, costs, deadline - time.monotonic(), model.index.vectors, exclude=held)
-    log.info("budget: %s (measured: %.2f ms per intent token, %.2f ms per reply token, %.2f s per ticket "
-             "scored, %.2f s per reply generated)", schedule.reason, 1e3 * costs.intent_s_per_token,
-             1e3 * costs.reply_s_per_token, costs.score_s_per_ticket, costs.generate_s_per_reply)
+    if intent_done and first is not None:  # one record: the intent adapter's part of the first plan stays
+        schedule = replace(schedule, intent_epochs=first.intent_epochs,
+                           reason=f"intent adapter: {first.reason}; reply adapter: {schedule.reason}")
+    log.info("budget%s: %s (measured: %.2f ms per intent token, %.2f ms per reply token, %.2f s per ticket "
+             "scored, %.2f s per reply generated)", " (reply adapter)" if intent_done else "", schedule.reason,
+             1e3 * costs.intent_s_per_token, 1e3 * costs.reply_s_per_token, costs.score_s_per_ticket,
+             costs.generate_s_per_reply)
     return schedule
 
 

@@ -127,20 +127,21 @@ class TicketModel:
         return out, diagnostics
 
     def _intents(self, tickets: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-        """Predicted intents, the ensemble's probabilities (Q, C) and each expert's log-probabilities."""
+        """Predicted intents, the ensemble's probabilities (Q, C) and each expert's log-probabilities.
+        The fine-tuned LM scores labels only when the ensemble gives it weight (calibrated on the
+        held-out rows): at weight 0 its scores could not change an answer."""
         from tickettune.pipeline.intent import combine, score_labels
 
         cfg, labels = self.config.infer, self.labels
-        emb_logp = self.index.intent_logprobs(vectors)
-        if cfg.lm_weight + self.lm_weight > 0 and len(labels) > 1:  # scored even at weight 0: diagnostics
+        experts = {"emb_logp": self.index.intent_logprobs(vectors)}
+        lm_logp = np.zeros_like(experts["emb_logp"])
+        if self.lm_weight > 0 and len(labels) > 1:
             with modeling.adapter(self.model, modeling.INTENT_ADAPTER):
-                lm_logp = score_labels(self.model, self.tokenizer, tickets, labels, cfg.score_batch_size,
-                                       cfg.list_labels)
-        else:
-            lm_logp = np.zeros_like(emb_logp)
-        chosen = combine(lm_logp, emb_logp, self.lm_weight, cfg.emb_weight)
-        probs = np.exp(log_softmax(self.lm_weight * lm_logp + cfg.emb_weight * emb_logp))
-        return [labels[c] for c in chosen], probs, {"lm_logp": lm_logp, "emb_logp": emb_logp}
+                lm_logp = experts["lm_logp"] = score_labels(self.model, self.tokenizer, tickets, labels,
+                                                            cfg.score_batch_size, cfg.list_labels)
+        chosen = combine(lm_logp, experts["emb_logp"], self.lm_weight, cfg.emb_weight)
+        probs = np.exp(log_softmax(self.lm_weight * lm_logp + cfg.emb_weight * experts["emb_logp"]))
+        return [labels[c] for c in chosen], probs, experts
 
     def write_replies(self, tickets: list[str], raw_tickets: list[str], vectors: np.ndarray,
                       ranked: list[list[int]], deadline: float | None = None) -> list[tuple]:
