@@ -30,7 +30,7 @@ from tickettune.pipeline.plan import (BUNDLED, ENV_MODEL, Hardware, Plan, decide
 
 log = logging.getLogger("tickettune")
 EXIT_BAD_INPUT = 2
-END_MARGIN_S = 3.0  # the budget's last seconds: writing the results and the diagnostics
+END_MARGIN_S = 5.0  # the budget's last seconds: writing the results and the diagnostics, leaving the process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 MIN_TRAIN_SHARE = 0.5     # of the time the mandatory prediction work leaves
-SAFETY = 0.9              # plan to 90 % of the time left: estimates are from a few steps
+SAFETY = 0.85             # plan to 85 % of the time left: estimates come from a few steps
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 HELDOUT_REPLIES = 16    # held-out rows the reply policy generates for, at most
 PROBE_TICKETS = 4       # tickets scored to measure the scoring cost
 PROBE_NEW_TOKENS = 4    # decoding steps timed to measure the generation cost
+PROBE_PROMPTS = 4       # prompts in that timed batch (a smaller batch than prediction's: pessimistic per reply)
+DECODE_GROWTH = 1.5     # later decoding steps attend over more positions: on the 135M model at 120 new
+                        # tokens a step cost ~1.8x the first few (bitext replies, 2-core CPU)
 
 
 def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_rows: int = 0,
@@ -153,15 +156,14 @@ def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bo
     if generation:
         from tickettune.pipeline.generate import generate
 
-        prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(e.ticket, [e.ideal_reply]))[0]
-                      for e in model.index.examples[:cfg.infer.gen_batch_size]]
+        examples = model.index.examples[:min(PROBE_PROMPTS, cfg.infer.gen_batch_size)]
+        prompt_ids = [prompts.render(tokenizer, prompts.reply_messages(e.ticket, [e.ideal_reply]))[0] for e in examples]
         stop = modeling.end_of_turn_ids(net, tokenizer)
         with modeling.autocast(plan), modeling.adapter(net, modeling.REPLY_ADAPTER):
-            prefill = min(_seconds(lambda: generate(net, tokenizer, prompt_ids, 1, len(prompt_ids), stop))
-                          for _ in range(2))
+            prefill = _seconds(lambda: generate(net, tokenizer, prompt_ids, 1, len(prompt_ids), stop))
             longer = _seconds(lambda: generate(net, tokenizer, prompt_ids, 1 + PROBE_NEW_TOKENS, len(prompt_ids), stop))
         step = max(0.0, longer - prefill) / PROBE_NEW_TOKENS   # one decoding step of the whole batch
-        generate_s = (prefill + step * cfg.infer.max_new_tokens) / len(prompt_ids)
+        generate_s = (prefill + DECODE_GROWTH * step * cfg.infer.max_new_tokens) / len(prompt_ids)
     return budget.Costs(per_token["intent"], per_token["reply"], score_s, generate_s)
 
 
