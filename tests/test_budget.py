@@ -28,7 +28,7 @@ def test_everything_fits_when_there_is_time():
 def test_training_keeps_half_of_what_the_reserve_leaves_even_when_replies_would_want_it_all():
     w = workload(val=5000)                         # generating every reply: 5000 s, far beyond the budget
     plan = plan_training(w, ONE, 2000, vectors(12))
-    reserve = (5000 + 6) * 1.0 + 2 * 1.0
+    reserve = (5000 + 6) * 1.0
     assert plan.reserve_s == reserve and plan.trains is False  # the reserve alone is over the budget
     w = workload(val=1000)                         # generating every reply (1000 s) would leave nothing
     plan = plan_training(w, ONE, 2000, vectors(12))

@@ -4,13 +4,14 @@ how many epochs — so that training and prediction share the run's wall-clock s
 Costs are measured on this machine, not assumed (`Costs`, filled by `fit.measure_costs`): seconds
 per training token of each adapter, seconds per ticket of intent scoring, and seconds per generated
 reply. The plan (`plan_training`):
-1. Prediction's *mandatory* part (scoring every val ticket, calibrating and choosing the reply
-   policy on the held-out rows) is reserved first; it cannot be skipped.
-2. When everything fits — the full training schedule, that reserve and a generated reply for every
-   val row — nothing is cut.
-3. Otherwise training gets what the generated replies leave, but never less than half of what the
-   reserve leaves (`MIN_TRAIN_SHARE`): a run with many val rows still fine-tunes. Replies that do
-   not fit in time are composed from the desk's replies instead of generated (`generate`'s deadline).
+1. The *mandatory* work is reserved first: scoring the held-out rows for the calibration and
+   every val ticket at prediction (when the ensemble uses label scores); it cannot be skipped.
+2. When everything fits — the full training schedule, that reserve, and generated replies for the
+   held-out rows (the reply policy's evidence) and every val row — nothing is cut.
+3. Otherwise training gets what generation leaves, but never less than half of what the reserve
+   leaves (`MIN_TRAIN_SHARE`): a run with many val rows still fine-tunes. Generation is the part
+   that gives way: held-out or val replies that do not fit in time are composed from the desk's
+   replies instead (`generate`'s deadline; for the policy, a row not generated counts as no gain).
 4. Within its share, training first drops epochs (down to one), then rows: the adapters train on
    a representative, diverse subset per intent (`curate`), while the retrieval index and the
    embedding classifier keep every row.
@@ -58,7 +59,7 @@ class TrainingPlan:
     reply_epochs: int
     train_s: float              # what this plan's training is expected to take
     reserve_s: float            # kept for the mandatory prediction work
-    generate_s: float           # what generating every val reply would take
+    generate_s: float           # what generating every held-out and val reply would take
     reason: str                 # one line: why nothing, or what, was cut
     costs: Costs | None = None  # what the plan was computed from (None: no deadline, nothing measured)
 
@@ -102,16 +103,15 @@ def plan_training(work: Workload, costs: Costs, seconds_left: float, vectors: np
     everyone = tuple(i for i in range(len(work.intents)) if i not in exclude)
     intent_1, reply_1 = epoch_seconds(work, costs, everyone)
     full = intent_1 * work.intent_epochs + reply_1 * work.reply_epochs
-    reserve = (work.val_rows * work.score_val_rows + work.heldout_queries) * costs.score_s_per_ticket \
-        + work.heldout_replies * costs.generate_s_per_reply
-    generate = work.val_rows * costs.generate_s_per_reply
+    reserve = (work.val_rows * work.score_val_rows + work.heldout_queries) * costs.score_s_per_ticket
+    generate = (work.val_rows + work.heldout_replies) * costs.generate_s_per_reply
     usable = SAFETY * seconds_left
     done = dict(reserve_s=reserve, generate_s=generate, costs=costs if measured else None)
     if not measured or full + reserve + generate <= usable:
         return TrainingPlan(everyone, work.intent_epochs, work.reply_epochs, full, reason="everything fits", **done)
     share = min(full, max(usable - reserve - generate, MIN_TRAIN_SHARE * (usable - reserve)))
-    why = (f"{usable:.0f} s usable: {reserve:.0f} s kept for scoring and the reply policy, generating every "
-           f"val reply would take {generate:.0f} s; training gets {share:.0f} s of the {full:.0f} s it wants")
+    why = (f"{usable:.0f} s usable: {reserve:.0f} s kept for label scoring, generating the held-out and val "
+           f"replies would take {generate:.0f} s; training gets {share:.0f} s of the {full:.0f} s it wants")
     if not work.intent_epochs and not work.reply_epochs:
         return TrainingPlan(everyone, 0, 0, 0.0, reason="nothing to train", **done)
     # fewer epochs first, the same number for both adapters' share of time

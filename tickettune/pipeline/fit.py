@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 HELDOUT_REPLIES = 16    # held-out rows the reply policy generates for, at most
 PROBE_TICKETS = 4       # tickets scored to measure the scoring cost
 PROBE_NEW_TOKENS = 4    # decoding steps timed to measure the generation cost
-PROBE_PROMPTS = 4       # prompts in that timed batch (a smaller batch than prediction's: pessimistic per reply)
+PROBE_PROMPTS = 8       # prompts in that timed batch (at most prediction's: per reply, pessimistic)
 DECODE_GROWTH = 1.5     # later decoding steps attend over more positions: on the 135M model at 120 new
                         # tokens a step cost ~1.8x the first few (bitext replies, 2-core CPU)
 
@@ -87,7 +87,7 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     trained.info = {"holdout_rows": sorted(held), "stopped_early": result.stopped_early,
                     "budget": schedule.to_dict()}
     trained.history = result.history
-    trained.reply_policy = choose_reply_policy(trained, held, _reserve_end(deadline, schedule), schedule)
+    trained.reply_policy = choose_reply_policy(trained, held, _reserve_end(deadline, schedule))
     return trained
 
 
@@ -174,10 +174,10 @@ def reference_replies(model: TicketModel, k: int) -> list[list[str]]:
             for i, (e, v) in enumerate(zip(examples, model.index.vectors))]
 
 
-def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | None = None,
-                        schedule: budget.TrainingPlan | None = None) -> ReplyPolicy:
+def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | None = None) -> ReplyPolicy:
     """The run's reply policy (see the module docstring), with the numbers it was chosen by. Generation
-    is measured on at most HELDOUT_REPLIES held-out rows, and only when that fits before `deadline`."""
+    is measured on at most HELDOUT_REPLIES held-out rows; a row whose generation would end after
+    `deadline` is not generated and counts as no gain."""
     bank, examples, forced = model.bank, model.index.examples, model.config.infer.reply_source
     k, loo = replies.choose_extra_sentences(bank, [e.ticket for e in examples], embed)
     evidence: dict = {"extra_sentences_loo": {str(n): q for n, q in loo.items()}}
@@ -186,15 +186,13 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
     if not held:
         return ReplyPolicy("generate", k, evidence | {"source": "no held-out rows to measure on: generate"})
     rows = sorted(held)[:HELDOUT_REPLIES]
-    expected = len(rows) * (schedule.costs.generate_s_per_reply if schedule and schedule.costs else 0.0)
-    if deadline is not None and time.monotonic() + expected > deadline:
-        return ReplyPolicy("retrieve", k, evidence | {"source": "no time left to measure generation: compose"})
     ranked = [bank.rank(model.index.vectors[i], examples[i].ticket, examples[i].intent, exclude=i) for i in rows]
     model.reply_policy = ReplyPolicy("generate", k)
     texts = [prompts.truncate_ticket(model.tokenizer, examples[i].ticket, model.config.infer.max_ticket_tokens)[0]
              for i in rows]
     with modeling.autocast(model.plan):
-        written = model.write_replies(texts, [examples[i].ticket for i in rows], model.index.vectors[rows], ranked)
+        written = model.write_replies(texts, [examples[i].ticket for i in rows], model.index.vectors[rows], ranked,
+                                      deadline)
     generated = [grounded.reply for _, grounded in written]
     composed = [bank.compose(model.index.vectors[i], r, k) for i, r in zip(rows, ranked)]
     vectors = embed(generated + composed)
