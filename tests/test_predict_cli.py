@@ -51,7 +51,7 @@ def test_an_incomplete_folder_lists_what_is_missing(tmp_path, tickets):
     proc, _ = predict(tmp_path, weights, tickets)
     assert proc.returncode == 2 and "incomplete weights folder, missing" in proc.stderr
     for name in ("adapter_model.safetensors", "examples.jsonl", "embeddings.safetensors", "reply/adapter_config.json",
-                 "'taxonomy'", "'lm_weight'"):
+                 "'taxonomy'", "'ensemble_weights'"):
         assert name in proc.stderr
     assert "missing adapter_config.json" not in proc.stderr
 

@@ -27,8 +27,11 @@ from dataclasses import replace
 import numpy as np
 
 from tickettune.pipeline import budget, intent, modeling, prompts, replies, train
+from tickettune.pipeline import encoder as encoder_module
+from tickettune.pipeline import plan as plan_module
 from tickettune.pipeline.config import RunConfig
 from tickettune.pipeline.embeddings import embed, load_embedder
+from tickettune.pipeline.encoder import IntentEncoder
 from tickettune.pipeline.plan import Plan
 from tickettune.pipeline.replies import ReplyPolicy
 from tickettune.pipeline.results import TrainingStats
@@ -52,13 +55,14 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     still predict: the budget plan (`budget`) sizes training to leave prediction its time. The
     caller, who owns the clock, fills in `training.wall_clock_s`."""
     examples = list(index.examples)
-    trained = TicketModel(plan, cfg, None, tokenizer, index, cfg.infer.lm_weight, load_embedder().name)
+    held = train.holdout_rows(examples, cfg.train.holdout_frac, cfg.seed, cfg.train.holdout_max)
+    encoder = fit_encoder(index, held, cfg, plan, deadline)
+    trained = TicketModel(plan, cfg, None, tokenizer, index, {}, load_embedder().name, encoder=encoder)
     modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
     model = trained.model = modeling.add_lora(base, cfg.train)
     seqs = train.build_sequences(examples, tokenizer, cfg.train, reference_replies(trained, cfg.infer.n_references),
                                  list(index.labels) if cfg.infer.list_labels else None,
                                  cfg.infer.max_ticket_tokens, cfg.seed)
-    held = train.holdout_rows(examples, cfg.train.holdout_frac, cfg.seed)
     costs = measure_costs(trained, seqs, held, cfg.infer.reply_source != "retrieve") if deadline else None
     schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline)   # both adapters
     run = dict(cfg=cfg.train, seed=cfg.seed, autocast=lambda: modeling.training_context(plan))
@@ -69,20 +73,23 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
             parts.append(train.train(model, tokenizer, _rows(seqs, "intent", schedule, held), held,
                                      epochs=schedule.intent_epochs, join=False, task="intent",
                                      deadline=_reserve_end(deadline, schedule), **run))
-    if cfg.infer.calibrate_lm_weight:
-        trained.lm_weight = calibrate(model, tokenizer, plan, cfg, index, held)
+    lm_trained = bool(parts and parts[0].steps)
+    trained.weights = calibrate(trained, held, lm_trained)
+    if encoder is not None:  # calibrated without the held-out rows; the head now learns from every row
+        texts, y = training_texts_of(index, set(), cfg)
+        encoder.refit_head(texts, y, cfg.encoder)
     if deadline:  # again for the reply adapter: the time intent training really took, and whether
         # prediction will score labels at all (an LM weight of 0 needs no label scores)
         schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline, intent_done=True,
-                               score_val=trained.lm_weight > 0, first=schedule)
+                               score_val=trained.weights.get("lm", 0.0) > 0, first=schedule)
     if schedule.reply_epochs and _rows(seqs, "reply", schedule, held):
         with modeling.adapter(model, modeling.REPLY_ADAPTER):
             parts.append(train.train(model, tokenizer, _rows(seqs, "reply", schedule, held), held,
                                      epochs=schedule.reply_epochs, join=False, task="reply",
                                      deadline=_reserve_end(deadline, schedule), **run))
     result = train.combine(parts)
-    log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble lm_weight %.2f",
-             result.steps, result.tokens, result.train_loss, result.val_loss, len(held), trained.lm_weight)
+    log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble weights %s",
+             result.steps, result.tokens, result.train_loss, result.val_loss, len(held), trained.weights)
     trained.training = TrainingStats(result.steps, result.train_loss, result.val_loss, wall_clock_s=float("nan"))
     trained.info = {"holdout_rows": sorted(held), "stopped_early": result.stopped_early,
                     "budget": schedule.to_dict()}
@@ -149,8 +156,9 @@ def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bo
                 / sum(len(s.input_ids) for s in batch)
     tickets = [e.ticket for e in model.index.examples[:PROBE_TICKETS]]
     with modeling.autocast(plan), modeling.adapter(net, modeling.INTENT_ADAPTER):
+        only = [list(range(min(intent.TOP_K, len(model.index.labels))))] * len(tickets)  # as prediction scores
         score_s = min(_seconds(lambda: intent.score_labels(net, tokenizer, tickets, list(model.index.labels),
-                                                            cfg.infer.score_batch_size, cfg.infer.list_labels))
+                                                            cfg.infer.score_batch_size, cfg.infer.list_labels, only=only))
                       for _ in range(2)) / len(tickets)  # the second call is warm
     generate_s = 0.0
     if generation:
@@ -216,14 +224,55 @@ def _seconds(work) -> float:
     return time.perf_counter() - t0
 
 
-def calibrate(model, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, held: set[int]) -> float:
-    """The ensemble's LM weight, chosen on the held-out rows that the intent adapter never saw
-    (`cfg.infer.lm_weight` when there are none, or a single intent)."""
+def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str, float]:
+    """The intent ensemble's weights, chosen on the held-out rows (and noisy copies of them), which
+    the encoder, its head and the intent adapter never saw; the prototypes are refitted without them.
+    The strongest expert (the encoder, else the prototypes) anchors at 1. Without held-out rows there
+    is nothing to measure: the embedding experts count equally and the LM (whose worth is unknown)
+    not at all; `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
+    cfg, index = model.config, model.index
+    anchor = "encoder" if model.encoder is not None else "proto"
+    fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     if not held or len(index.labels) < 2:
-        return cfg.infer.lm_weight
+        return {anchor: 1.0, **({"proto": 1.0} if anchor == "encoder" else {}),
+                "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
-    with modeling.autocast(plan), modeling.adapter(model, modeling.INTENT_ADAPTER):
-        lm_logp = intent.score_labels(model, tokenizer, texts, list(index.labels), cfg.infer.score_batch_size,
-                                      cfg.infer.list_labels)
-    emb_logp = index.without(held).intent_logprobs(embed(texts))
-    return intent.choose_lm_weight(lm_logp, emb_logp, gold)
+    experts = {"proto": index.without(held).intent_logprobs(embed(texts))}
+    if model.encoder is not None:
+        experts["encoder"] = model.encoder.logprobs(texts)
+    if lm_trained and fixed_lm is None:
+        only = intent.candidates(experts, {n: 1.0 for n in experts})
+        with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
+            experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
+                                                cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
+    weights = intent.choose_weights(experts, gold, anchor)
+    if fixed_lm is not None:
+        weights["lm"] = fixed_lm if lm_trained else 0.0
+    accuracy = {n: round(float((e.argmax(1) == gold).mean()), 3) for n, e in experts.items()}
+    log.info("intent ensemble: weights %s (held-out accuracy alone: %s over %d queries)", weights, accuracy, len(gold))
+    return weights
+
+
+def training_texts_of(index: RetrievalIndex, held: set[int], cfg: RunConfig) -> tuple[list[str], np.ndarray]:
+    """The intent encoder's training texts and label indices, from every train row but `held`."""
+    rows = [e for i, e in enumerate(index.examples) if i not in held]
+    return encoder_module.training_texts([e.ticket for e in rows], [e.intent for e in rows], list(index.labels),
+                                         cfg.encoder, cfg.seed)
+
+
+def fit_encoder(index: RetrievalIndex, held: set[int], cfg: RunConfig, plan: Plan,
+                deadline: float | None) -> IntentEncoder | None:
+    """The fine-tuned intent encoder, on every train row but the held-out ones, within
+    `encoder.time_share` of the time left; None when disabled, when there is one intent only, or
+    when the bundled encoder is not there (the prototypes then stand alone)."""
+    if not cfg.encoder.enabled or len(index.labels) < 2:
+        return None
+    texts, y = training_texts_of(index, held, cfg)
+    until = None if deadline is None else time.monotonic() + cfg.encoder.time_share * (deadline - time.monotonic())
+    settings = replace(cfg.encoder, bf16=cfg.encoder.bf16 and plan_module.cpu_has_bf16())
+    try:
+        return IntentEncoder.fit(texts, y, list(index.labels), settings, cfg.seed, deadline=until)
+    except (OSError, RuntimeError) as exc:  # e.g. no bundled MiniLM: the hashed stand-in cannot be tuned
+        log.warning("no intent encoder (%s): the prototype classifier is the embedding expert",
+                    str(exc).splitlines()[0][:200])
+        return None

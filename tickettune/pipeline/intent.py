@@ -1,5 +1,7 @@
-"""Intent prediction: label log-likelihoods under the fine-tuned model, combined with the
-embedding classifier. The answer is always one of the train intents.
+"""Intent prediction: an ensemble of experts, each giving log P(intent | ticket) over the train
+intents — the fine-tuned intent encoder (`encoder`), the frozen prototype classifier (`retrieval`)
+and the label log-likelihoods of the LoRA-tuned LM (below) — weighted as the held-out rows say
+(`choose_weights`). The answer is always one of the train intents.
 
 Label scoring shares each ticket's prompt: the prompts of a batch run once (left padded), their
 KV cache is repeated once per label, and only the label tokens run again. A label's score is the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+from itertools import product
 
 import numpy as np
 from tickettune.pipeline import prompts
@@ -23,24 +26,58 @@ from tickettune.pipeline.retrieval import log_softmax
 log = logging.getLogger(__name__)
 
 LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+PROTO_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+TOP_K = 8          # labels the LM scores per ticket: the other experts' best candidates
+NOT_SCORED = -1e9  # stands for log 0 in a weighted sum (0 * -inf would be NaN)
 
 
-def choose_lm_weight(lm_logp: np.ndarray, emb_logp: np.ndarray, gold: np.ndarray,
-                     grid: tuple[float, ...] = LM_WEIGHTS) -> float:
-    """The LM weight whose ensemble gives the held-out rows' true intents the highest mean
-    log-likelihood (emb weight 1). Ties go to the smaller weight. (Q, C), (Q, C), (Q,) -> w.
+def ensemble(experts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The weighted product of experts in log space, (Q, C): sum of w * log P over the experts with
+    weight > 0. A label an expert did not score (-inf: outside the LM's candidates) gets NOT_SCORED.
+
+    >>> ensemble({"a": np.log([[0.5, 0.5]]), "b": np.array([[-np.inf, 0.0]])}, {"a": 1.0, "b": 0.0}).round(3)
+    array([[-0.693, -0.693]])
+    """
+    total = np.zeros_like(next(iter(experts.values())), dtype=np.float64)
+    for name, w in weights.items():
+        if w > 0 and name in experts:
+            total = total + w * np.maximum(experts[name], NOT_SCORED)
+    return total
+
+
+def combine(experts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """(Q,) argmax label indices of the ensemble (ties: label order, not float noise)."""
+    return np.argmax(np.round(ensemble(experts, weights), 6), axis=1)
+
+
+def candidates(experts: dict[str, np.ndarray], weights: dict[str, float], k: int = TOP_K) -> list[list[int]]:
+    """Per ticket, the `k` labels the ensemble without the LM ranks highest, in label order: the
+    ones the LM scores, so its cost per ticket does not grow with the taxonomy."""
+    base = ensemble(experts, {n: w for n, w in weights.items() if n != "lm"})
+    top = np.argsort(-np.round(base, 6), axis=1, kind="stable")[:, :k]
+    return [sorted(int(c) for c in row) for row in top]
+
+
+def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray, anchor: str) -> dict[str, float]:
+    """The ensemble's weights that give the held-out rows' true intents the highest mean
+    log-likelihood: `anchor` (the strongest expert) at 1, the others from their grids; ties go to
+    the smaller weights. Experts: name -> (Q, C) log-probabilities.
 
     >>> emb = np.log([[0.3, 0.7], [0.6, 0.4]])
-    >>> choose_lm_weight(np.log([[0.9, 0.1], [0.1, 0.9]]), emb, np.array([1, 0]))   # LM always wrong
-    0.0
-    >>> choose_lm_weight(np.log([[0.1, 0.9], [0.9, 0.1]]), emb, np.array([1, 0]))   # LM always right
-    4.0
+    >>> choose_weights({"proto": emb, "lm": np.log([[0.9, 0.1], [0.1, 0.9]])}, np.array([1, 0]), "proto")
+    {'proto': 1.0, 'lm': 0.0}
+    >>> choose_weights({"proto": emb, "lm": np.log([[0.1, 0.9], [0.9, 0.1]])}, np.array([1, 0]), "proto")
+    {'proto': 1.0, 'lm': 4.0}
     """
-    def loglik(w: float) -> float:
-        return float(log_softmax(w * lm_logp + emb_logp)[np.arange(len(gold)), gold].mean())
-
-    scores = [loglik(w) for w in grid]
-    return grid[int(np.argmax(np.round(scores, 6)))]
+    grids = {"proto": PROTO_WEIGHTS, "lm": LM_WEIGHTS}
+    free = [n for n in experts if n != anchor]
+    best, best_score = None, -np.inf
+    for values in product(*(grids[n] for n in free)):
+        weights = {anchor: 1.0, **dict(zip(free, values))}
+        score = round(float(log_softmax(ensemble(experts, weights))[np.arange(len(gold)), gold].mean()), 6)
+        if score > best_score:  # the grid runs from small weights up: a tie keeps the smaller
+            best, best_score = weights, score
+    return best
 
 
 def heldout_queries(examples: list[Example], held: set[int], copies: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -56,19 +93,18 @@ def heldout_queries(examples: list[Example], held: set[int], copies: int, seed: 
     return texts, np.array(gold, dtype=np.int64)
 
 
-def combine(lm_logp: np.ndarray, emb_logp: np.ndarray, lm_weight: float, emb_weight: float) -> np.ndarray:
-    """Weighted product of experts in log space: (Q, C) x2 -> (Q,) argmax indices (first wins ties)."""
-    score = lm_weight * lm_logp + emb_weight * emb_logp
-    return np.argmax(np.round(score, 6), axis=1)  # rounding: ties break by label order, not float noise
-
-
 def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_size: int,
-                 labels_in_prompt: bool = False) -> np.ndarray:
-    """log P(label | ticket) under `model`, normalised over `labels`. Returns (Q, C) float64."""
+                 labels_in_prompt: bool = False, only: list[list[int]] | None = None) -> np.ndarray:
+    """log P(label | ticket) under `model`, normalised over `labels`, or over each ticket's `only`
+    candidates (the others -inf). Returns (Q, C) float64."""
     shown = labels if labels_in_prompt else None
     # the label token ids do not depend on the ticket: render them once against a dummy prompt
     label_ids = [prompts.render(tokenizer, prompts.intent_messages("x", shown), lab)[1] for lab in labels]
     encoded = [prompts.render(tokenizer, prompts.intent_messages(t, shown))[0] for t in tickets]
-    scores = continuation_logprobs(model, encoded, [label_ids] * len(encoded), tokenizer.pad_token_id, batch_size,
-                                   desc="intent")
-    return log_softmax(np.array(scores, dtype=np.float64).reshape(len(tickets), len(labels)))
+    only = only if only is not None else [list(range(len(labels)))] * len(tickets)
+    scores = continuation_logprobs(model, encoded, [[label_ids[c] for c in cands] for cands in only],
+                                   tokenizer.pad_token_id, batch_size, desc="intent")
+    out = np.full((len(tickets), len(labels)), -np.inf)
+    for row, (cands, s) in enumerate(zip(only, scores)):
+        out[row, cands] = s
+    return log_softmax(out)

@@ -93,14 +93,21 @@ def fallbacks(plan: Plan, hw: Hardware, override: str | None) -> list[Plan]:
     return out
 
 
+def cpu_has_bf16() -> bool:
+    """The CPU has native bf16 matmuls (AVX512-BF16 / AMX): bf16 autocast is fast, not emulated."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def detect_hardware() -> Hardware:
     import torch
 
     bnb = importlib.util.find_spec("bitsandbytes") is not None
-    try:
-        cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        cpu_bf16 = False
+    cpu_bf16 = cpu_has_bf16()
     if not torch.cuda.is_available():
         return Hardware(cuda=False, bitsandbytes=bnb, cpu_bf16=cpu_bf16)
     free, _total = torch.cuda.mem_get_info()

@@ -3,8 +3,9 @@ loads back from that folder alone (no training file), on CPU or GPU.
 
 A `TicketModel` owns everything prediction needs: the hardware plan (which names the base model),
 the run config, the PeftModel with both adapters (intent at the root of the folder, reply in
-`reply/`), the tokenizer, the retrieval index (train tickets, intents, replies and their
-embeddings), the calibrated ensemble weight and the name of the sentence encoder.
+`reply/`), the tokenizer, the fine-tuned intent encoder (`encoder/`: its LoRA weights and head),
+the retrieval index (train tickets, intents, replies and their embeddings), the calibrated
+ensemble weights, the reply policy and the name of the sentence encoder.
 
     >>> model = TicketModel.load("runs/weights")                    # doctest: +SKIP
     >>> predictions, diagnostics = model.predict([Ticket("t1", "How do I add a seat?")])  # doctest: +SKIP
@@ -33,13 +34,14 @@ from tickettune import __version__
 from tickettune.pipeline import modeling, prompts
 from tickettune.pipeline.config import ConfigError, RunConfig
 from tickettune.pipeline.data import DataError, Example, Ticket, read_jsonl
+from tickettune.pipeline.encoder import ENCODER_DIR, HEAD_FILE, IntentEncoder
 from tickettune.pipeline.plan import Plan, detect_hardware
 from tickettune.pipeline.replies import ReplyBank, ReplyPolicy
 from tickettune.pipeline.results import Prediction, TrainingStats, finite, write_json_atomic, write_jsonl
 from tickettune.pipeline.retrieval import RetrievalIndex, log_softmax
 
 log = logging.getLogger(__name__)
-FORMAT = 2                  # the folder layout below; a folder of another format is refused on load
+FORMAT = 3                  # the folder layout below; a folder of another format is refused on load
 META_FILE = "tickettune.json"
 EXAMPLES_FILE = "examples.jsonl"        # the train rows: the retrieval index and the taxonomy
 EMBEDDINGS_FILE = "embeddings.safetensors"  # their ticket and reply embeddings, as trained
@@ -59,12 +61,13 @@ class TicketModel:
     model: Any                  # PeftModel: adapter "default" (intent), "reply" (when replies were trained)
     tokenizer: Any
     index: RetrievalIndex
-    lm_weight: float            # the ensemble's weight of the fine-tuned model's label scores
+    weights: dict[str, float]   # the intent ensemble's weight per expert: encoder, proto, lm (`intent`)
     embedder: str               # the sentence encoder that embedded the index (`embeddings.Encoder.name`)
     training: TrainingStats | None = None  # the training block of the run that made it
     info: dict = field(default_factory=dict)  # facts of that run, saved: held-out rows, early stop
     history: list[dict] = field(default_factory=list)  # its loss curve, saved as loss_history.json
     reply_policy: ReplyPolicy = field(default_factory=ReplyPolicy)  # generate or compose, chosen by the run
+    encoder: IntentEncoder | None = None  # the fine-tuned intent encoder (None: disabled or unavailable)
 
     @property
     def labels(self) -> list[str]:
@@ -96,7 +99,7 @@ class TicketModel:
                  deadline: float | None) -> tuple[list[Prediction], list[dict]]:
         tickets = [self._ticket_text(t) for t in val]
         t0 = time.perf_counter()
-        intents, probs, experts = self._intents(tickets, val_vectors)
+        intents, probs, experts = self._intents(tickets, [t.ticket for t in val], val_vectors)
         intent_s = (time.perf_counter() - t0) / len(val)
         log.info("intent scoring %.1f s (%d tickets x %d labels)", intent_s * len(val), len(val), len(self.labels))
         ranked = [self.bank.rank(v, t.ticket, intent) for v, t, intent in zip(val_vectors, val, intents)]
@@ -117,7 +120,7 @@ class TicketModel:
             diagnostics.append({
                 "id": t.id, "intent": intent,
                 "intent_probs": {lab: round(float(p), 4) for lab, p in zip(self.labels, probs[row])},
-                **{name: {lab: _json_number(x) for lab, x in zip(self.labels, scores[row])}
+                **{f"{name}_logp": {lab: _json_number(x) for lab, x in zip(self.labels, scores[row])}
                    for name, scores in experts.items()},
                 "reply_action": grounded.action, "reply_detail": grounded.detail,
                 "references": [self.index.examples[i].id for i in ranked[row][:KEY_FACT_REFERENCES]],
@@ -126,21 +129,24 @@ class TicketModel:
         log.info("replies: %s", ", ".join(f"{k} {v}" for k, v in sorted(actions.items())))
         return out, diagnostics
 
-    def _intents(self, tickets: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    def _intents(self, tickets: list[str], raw: list[str],
+                 vectors: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
         """Predicted intents, the ensemble's probabilities (Q, C) and each expert's log-probabilities.
-        The fine-tuned LM scores labels only when the ensemble gives it weight (calibrated on the
-        held-out rows): at weight 0 its scores could not change an answer."""
-        from tickettune.pipeline.intent import combine, score_labels
+        The fine-tuned LM scores only each ticket's top candidates of the other experts, and only when
+        the ensemble gives it weight (calibrated on the held-out rows): at weight 0 its scores could
+        not change an answer."""
+        from tickettune.pipeline.intent import candidates, combine, ensemble, score_labels
 
         cfg, labels = self.config.infer, self.labels
-        experts = {"emb_logp": self.index.intent_logprobs(vectors)}
-        lm_logp = np.zeros_like(experts["emb_logp"])
-        if self.lm_weight > 0 and len(labels) > 1:
+        experts = {"proto": self.index.intent_logprobs(vectors)}
+        if self.encoder is not None:
+            experts["encoder"] = self.encoder.logprobs(raw)
+        if self.weights.get("lm", 0.0) > 0 and len(labels) > 1:
             with modeling.adapter(self.model, modeling.INTENT_ADAPTER):
-                lm_logp = experts["lm_logp"] = score_labels(self.model, self.tokenizer, tickets, labels,
-                                                            cfg.score_batch_size, cfg.list_labels)
-        chosen = combine(lm_logp, experts["emb_logp"], self.lm_weight, cfg.emb_weight)
-        probs = np.exp(log_softmax(self.lm_weight * lm_logp + cfg.emb_weight * experts["emb_logp"]))
+                experts["lm"] = score_labels(self.model, self.tokenizer, tickets, labels, cfg.score_batch_size,
+                                             cfg.list_labels, only=candidates(experts, self.weights))
+        chosen = combine(experts, self.weights)
+        probs = np.exp(log_softmax(ensemble(experts, self.weights)))
         return [labels[c] for c in chosen], probs, experts
 
     def write_replies(self, tickets: list[str], raw_tickets: list[str], vectors: np.ndarray,
@@ -196,6 +202,8 @@ class TicketModel:
         base.config.name_or_path = base.name_or_path = self.plan.model
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+        if self.encoder is not None:
+            self.encoder.save(folder)
         write_jsonl(folder / EXAMPLES_FILE, [asdict(e) for e in self.index.examples])
         save_file({"tickets": np.ascontiguousarray(self.index.vectors, dtype=np.float32),
                    "replies": np.ascontiguousarray(self.index.replies, dtype=np.float32)},
@@ -213,7 +221,8 @@ class TicketModel:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "plan": self.plan.to_dict(), "config": self.config.to_dict(), "taxonomy": self.labels,
             "embedder": self.embedder, "embedding_temperature": self.index.temperature,
-            "lm_weight": self.lm_weight, "reply_policy": self.reply_policy.to_dict(), "reply_adapter": modeling.REPLY_ADAPTER in self.model.peft_config,
+            "ensemble_weights": self.weights, "intent_encoder": self.encoder is not None,
+            "reply_policy": self.reply_policy.to_dict(), "reply_adapter": modeling.REPLY_ADAPTER in self.model.peft_config,
             "training": training_record(self.training), **self.info, "loss_history": HISTORY_FILE,
             "prompts": {"intent_system": prompts.INTENT_SYSTEM, "reply_system": prompts.REPLY_SYSTEM},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
@@ -238,10 +247,13 @@ class TicketModel:
         modeling.seed_everything(config.seed, plan.device)
         base, tokenizer = modeling.load_base(plan)
         model = modeling.load_adapter(base, folder)
-        return cls(plan, config, model, tokenizer, index, float(meta["lm_weight"]), meta["embedder"],
+        encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length) \
+            if meta.get("intent_encoder") else None
+        return cls(plan, config, model, tokenizer, index, {k: float(v) for k, v in meta["ensemble_weights"].items()},
+                   meta["embedder"],
                    stats_from_record(meta.get("training")),
                    {k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
-                   reply_policy=ReplyPolicy(**meta["reply_policy"]))
+                   reply_policy=ReplyPolicy(**meta["reply_policy"]), encoder=encoder)
 
 
 EXAMPLE_FIELDS = {"id": (str, int), "ticket": str, "intent": str, "ideal_reply": str}
@@ -291,8 +303,11 @@ def read_metadata(folder: Path) -> dict:
     required = ["adapter_config.json", "adapter_model.safetensors", EXAMPLES_FILE, EMBEDDINGS_FILE, "tokenizer.json"]
     if meta.get("reply_adapter"):
         required += [f"{modeling.REPLY_ADAPTER}/adapter_config.json", f"{modeling.REPLY_ADAPTER}/adapter_model.safetensors"]
+    if meta.get("intent_encoder"):
+        required += [f"{ENCODER_DIR}/adapter_config.json", f"{ENCODER_DIR}/adapter_model.safetensors",
+                     f"{ENCODER_DIR}/{HEAD_FILE}"]
     missing = [name for name in required if not (folder / name).is_file()]
-    missing += [f"{META_FILE}: '{key}'" for key in ("plan", "config", "taxonomy", "embedder", "lm_weight", "reply_policy")
+    missing += [f"{META_FILE}: '{key}'" for key in ("plan", "config", "taxonomy", "embedder", "ensemble_weights", "reply_policy")
                 if key not in meta]
     if missing:
         raise WeightsError(f"{folder}: incomplete weights folder, missing " + ", ".join(missing))

@@ -82,8 +82,9 @@ def _sequence(tokenizer, messages, completion: str, row: int, cfg: TrainConfig, 
     return Sequence(ids, labels, row, task)
 
 
-def holdout_rows(examples: list[Example], frac: float, seed: int) -> set[int]:
-    """Stratified rows to keep out of epoch 1: never an intent's last row. Empty when < 5 rows."""
+def holdout_rows(examples: list[Example], frac: float, seed: int, most: int = 0) -> set[int]:
+    """Stratified rows no adapter trains on: at most one per intent that has >= 2 rows (never an
+    intent's last row), `frac` of the rows and at most `most` of them (0: no cap). Empty when < 5 rows."""
     if frac <= 0 or len(examples) < 5:
         return set()
     rng = random.Random(seed)
@@ -96,7 +97,7 @@ def holdout_rows(examples: list[Example], frac: float, seed: int) -> set[int]:
         if len(rows) >= 2:
             candidates.append(rng.choice(rows))
     rng.shuffle(candidates)
-    n = min(len(candidates), max(1, round(frac * len(examples))))
+    n = min(len(candidates), max(1, round(frac * len(examples))), most or len(candidates))
     return set(candidates[:n])
 
 

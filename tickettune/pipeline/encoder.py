@@ -1,0 +1,263 @@
+"""The intent encoder: the bundled sentence encoder (all-MiniLM-L6-v2) fine-tuned on this desk's
+tickets, with a logistic-regression head on its embeddings: the intent ensemble's strongest expert.
+
+Fine-tuning (`IntentEncoder.fit`) follows the few-shot recipe of SetFit-style contrastive tuning:
+LoRA on every linear layer of the encoder's blocks (the embedding table stays frozen), a
+supervised contrastive loss (Khosla et al. 2020) on L2-normalised mean-pooled embeddings in
+class-balanced batches (`per_class` rows of `batch_size / per_class` intents), bf16 autocast on the
+CPU. Training texts: each train ticket, `copies` noisy copies of it (`augment`), and each intent's
+name as words ("billing.seat_question" -> "billing seat question"): the label says what the intent is
+about, which helps most when an intent has few rows. The head is fitted on the same texts.
+Steps: `epochs` passes over the texts, at least `min_steps`, at most `max_steps` (bounded cost at
+any size). The recipe and its numbers were chosen by cross-validation inside Banking77's few-shot
+rows (bench/fewshot_intent.py, README), not on the Northstar samples.
+
+Only the LoRA weights (a few MB) and the head are saved (`ENCODER_DIR` in the weights folder); the
+base encoder comes from the bundled package again at load. Deterministic given the seed.
+Does not embed for retrieval: replies are retrieved with the frozen encoder (`embeddings`), whose
+neighbourhoods fine-tuning for intents would blur.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tickettune.pipeline.augment import noisy_copies
+from tickettune.pipeline.config import EncoderConfig
+from tickettune.pipeline.retrieval import log_softmax
+
+log = logging.getLogger(__name__)
+ENCODER_DIR = "encoder"          # in the weights folder: the LoRA adapter and head.safetensors
+HEAD_FILE = "head.safetensors"
+LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
+
+
+def label_words(label: str) -> str:
+    """An intent's name as words: the text that stands for the label in training.
+
+    >>> label_words("billing.seat_question"), label_words("getRefund")
+    ('billing seat question', 'get refund')
+    """
+    text = re.sub(r"([a-z])([A-Z])", r"\1 \2", label)
+    return re.sub(r"[_\-./:]+", " ", text).strip().lower()
+
+
+def training_texts(tickets: list[str], intents: list[str], labels: list[str], cfg: EncoderConfig,
+                   seed: int) -> tuple[list[str], np.ndarray]:
+    """The texts the encoder and its head learn from, with their label indices: every ticket, its
+    noisy copies, and (`cfg.label_names`) each intent's name as words.
+
+    >>> texts, y = training_texts(["Add a seat"], ["billing.seats"], ["billing.seats"],
+    ...                           EncoderConfig(copies=0), 0)
+    >>> texts, y.tolist()
+    (['Add a seat', 'billing seats'], [0, 0])
+    """
+    rng = random.Random(seed)
+    texts, y = [], []
+    for ticket, intent in zip(tickets, intents):
+        for text in [ticket] + noisy_copies(ticket, cfg.copies, rng):
+            texts.append(text)
+            y.append(labels.index(intent))
+    if cfg.label_names:
+        texts += [label_words(lab) for lab in labels]
+        y += list(range(len(labels)))
+    return texts, np.array(y, dtype=np.int64)
+
+
+def class_balanced_batches(y: np.ndarray, steps: int, batch_size: int, per_class: int,
+                           rng: random.Random) -> list[list[int]]:
+    """`steps` batches of `per_class` rows from each of `batch_size // per_class` intents, intents and
+    their rows drawn without replacement until used up (then reshuffled): every batch has positives.
+
+    >>> [sorted(b) for b in class_balanced_batches(np.array([0, 0, 1, 1]), 2, 4, 2, random.Random(0))]
+    [[0, 1, 2, 3], [0, 1, 2, 3]]
+    """
+    rows_of: dict[int, list[int]] = {}
+    for i, c in enumerate(y.tolist()):
+        rows_of.setdefault(c, []).append(i)
+    classes = sorted(rows_of)
+    n_classes = max(1, min(len(classes), batch_size // per_class))
+    queues: dict[int, list[int]] = {c: [] for c in classes}
+    pool: list[int] = []
+    out = []
+    for _ in range(steps):
+        while len(pool) < n_classes:
+            more = classes[:]
+            rng.shuffle(more)
+            pool += [c for c in more if c not in pool[:n_classes]]
+        pick, pool = pool[:n_classes], pool[n_classes:]
+        batch = []
+        for c in pick:
+            for _ in range(per_class):
+                if not queues[c]:
+                    queues[c] = rng.sample(rows_of[c], len(rows_of[c]))
+                batch.append(queues[c].pop())
+        out.append(batch)
+    return out
+
+
+def supcon_loss(embeddings, y, temperature: float):
+    """Supervised contrastive loss on L2-normalised embeddings (B, D) with labels (B,)."""
+    import torch
+
+    sim = embeddings @ embeddings.t() / temperature                        # (B, B)
+    eye = torch.eye(len(y), dtype=torch.bool, device=sim.device)
+    sim = sim.masked_fill(eye, -1e9)
+    positives = (y[:, None] == y[None, :]) & ~eye
+    logp = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    count = positives.sum(1)
+    keep = count > 0
+    if not keep.any():
+        return embeddings.sum() * 0.0
+    return -((logp * positives).sum(1)[keep] / count[keep]).mean()
+
+
+@dataclass
+class IntentEncoder:
+    labels: list[str]
+    model: object            # the encoder's transformer (a PeftModel once fine-tuned)
+    tokenizer: object
+    coef: np.ndarray         # (C, D) logistic-regression head
+    intercept: np.ndarray    # (C,)
+    max_length: int = 128
+    steps: int = 0           # fine-tuning steps taken (0 when loaded)
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """L2-normalised mean-pooled embeddings (N, D), fp32, in input order."""
+        import torch
+        import torch.nn.functional as F
+
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                enc = self.tokenizer([texts[i] or " " for i in rows], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state.float()          # (B, T, D)
+                out[rows] = F.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1).numpy()
+        return out
+
+    def logprobs(self, texts: list[str]) -> np.ndarray:
+        """log P(intent | ticket) under the head. (N,) texts -> (N, C)."""
+        return log_softmax(self.embed(texts).astype(np.float64) @ self.coef.T + self.intercept)
+
+    def refit_head(self, texts: list[str], y: np.ndarray, cfg: EncoderConfig) -> None:
+        """Fit the logistic-regression head on `texts` (the encoder unchanged)."""
+        self.coef, self.intercept = _fit_head(self.embed(texts), y, len(self.labels), cfg.head_C)
+
+    @classmethod
+    def fit(cls, texts: list[str], y: np.ndarray, labels: list[str], cfg: EncoderConfig, seed: int,
+            deadline: float | None = None) -> "IntentEncoder":
+        """Fine-tune the bundled encoder on (`texts`, `y`) as the module says and fit the head.
+        Stops early at `deadline` (monotonic s)."""
+        import torch
+        import torch.nn.functional as F
+        from peft import LoraConfig, get_peft_model
+
+        model, tokenizer = load_base_encoder()
+        torch.manual_seed(seed)
+        for p in model.embeddings.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, bias="none"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+        steps = max(cfg.min_steps, min(cfg.max_steps, math.ceil(cfg.epochs * len(texts) / cfg.batch_size)))
+        warmup = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        ids = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+        labels_t = torch.tensor(y)
+        model.train()
+        t0, done, losses = time.perf_counter(), 0, []
+        for batch in class_balanced_batches(y, steps, cfg.batch_size, cfg.per_class, random.Random(seed)):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            width = max(len(ids[i]) for i in batch)
+            inp = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                inp[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                hidden = model(input_ids=inp, attention_mask=mask).last_hidden_state
+            emb = F.normalize(_mean_pool(hidden.float(), mask), dim=-1)
+            loss = supcon_loss(emb, labels_t[batch], cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            done += 1
+        if done < steps:
+            log.warning("intent encoder: stopped at step %d/%d to fit the time budget", done, steps)
+        log.info("intent encoder: %d steps on %d texts in %.1f s, loss %.3f -> %.3f", done, len(texts),
+                 time.perf_counter() - t0, losses[0] if losses else float("nan"),
+                 float(np.mean(losses[-max(1, done // 10):])) if losses else float("nan"))
+        encoder = cls(list(labels), model.eval(), tokenizer, np.zeros((0, 0)), np.zeros(0), cfg.max_length, done)
+        encoder.refit_head(texts, y, cfg)
+        return encoder
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        folder = Path(folder) / ENCODER_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        save_file({"coef": np.ascontiguousarray(self.coef), "intercept": np.ascontiguousarray(self.intercept)},
+                  str(folder / HEAD_FILE))
+
+    @classmethod
+    def load(cls, folder: str | Path, labels: list[str], max_length: int) -> "IntentEncoder":
+        from peft import PeftModel
+        from safetensors.numpy import load_file
+
+        folder = Path(folder) / ENCODER_DIR
+        base, tokenizer = load_base_encoder()
+        model = PeftModel.from_pretrained(base, str(folder)).eval()
+        head = load_file(str(folder / HEAD_FILE))
+        return cls(list(labels), model, tokenizer, head["coef"], head["intercept"], max_length)
+
+
+def _mean_pool(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def _fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression (C, D), (C,); one class: a constant head."""
+    present = np.unique(y)
+    if len(present) < 2:
+        coef, intercept = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -1e3)
+        intercept[present] = 0.0
+        return coef, intercept
+    from sklearn.linear_model import LogisticRegression
+
+    head = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+    coef, intercept = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -1e3)  # unseen intents: ~never
+    coef[head.classes_] = head.coef_ if len(head.classes_) > 2 else np.vstack([-head.coef_[0], head.coef_[0]]) / 2
+    intercept[head.classes_] = head.intercept_ if len(head.classes_) > 2 else np.array(
+        [-head.intercept_[0], head.intercept_[0]]) / 2
+    return coef, intercept
+
+
+def load_base_encoder():
+    """(transformer, tokenizer) of the bundled all-MiniLM-L6-v2, or of $TICKETTUNE_EMBEDDER."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from tickettune.pipeline.embeddings import embedder_path
+
+    folder = str(embedder_path())
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+    return model.eval(), tokenizer
