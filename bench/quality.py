@@ -13,8 +13,8 @@ Rows of the table:
   knn-copy         all-MiniLM-L6-v2 nearest train ticket: its intent, its reply copied
   finetune-copy    tickettune's intent, reply = nearest train reply of that intent copied
   tickettune       the default run.py (intent ensemble, grounded generated reply)
-  intent: lm only / emb only   the two experts of tickettune's ensemble, from its diagnostics (the LM's
-                   row only where the run scored labels: at a calibrated LM weight of 0 it does not)
+  intent: X only   each expert of tickettune's intent ensemble alone (encoder, frozen prototypes, LM),
+                   from its diagnostics; the LM's only where the run scored labels (weight > 0)
 Replies are judged offline (MiniLM cosine to the ideal reply, the proxy judge), so it needs no key.
 Wall-clock is the whole run.py process; peak RSS is the child process's maximum resident set.
 """
@@ -97,12 +97,14 @@ def variants_from_diagnostics(train, val, results: dict, weights: Path) -> dict[
     ft_intents = [tt[i]["predicted_intent"] for i in ids]
     copy = [train[index.nearest(vec, intent, 1)[0]].ideal_reply for vec, intent in zip(vectors, ft_intents)]
     replies = [tt[i]["prediction"] for i in ids]
-    emb = [max(by_id[i]["emb_logp"], key=by_id[i]["emb_logp"].get) for i in ids]
     out = {"finetune-copy": results_file(ids, ft_intents, copy, wall)}
-    if all("lm_logp" in by_id[i] for i in ids):  # scored only when the ensemble gives the LM weight
-        lm = [max(by_id[i]["lm_logp"], key=by_id[i]["lm_logp"].get) for i in ids]
-        out["intent: lm only"] = results_file(ids, lm, replies, wall)
-    return out | {"intent: emb only": results_file(ids, emb, replies, wall)}
+    for expert in ("encoder", "proto", "lm"):  # the LM's only where it scored labels (weight > 0)
+        key = f"{expert}_logp"
+        if all(key in by_id[i] for i in ids):
+            alone = [max(by_id[i][key], key=lambda lab, s=by_id[i][key]: -1e18 if s[lab] is None else s[lab])
+                     for i in ids]
+            out[f"intent: {expert} only"] = results_file(ids, alone, replies, wall)
+    return out
 
 
 def fmt(v) -> str:

@@ -119,7 +119,8 @@ def run_cell(train_path: Path, val_path: Path, gold: dict, budget_s: float, conf
     results = json.loads(out.read_text())
     preds = {p["id"]: p["predicted_intent"] for p in results["predictions"]}
     diag = [json.loads(line) for line in (weights / "diagnostics.jsonl").read_text().splitlines() if line]
-    emb = {d["id"]: max(d["emb_logp"], key=d["emb_logp"].get) for d in diag}
+    expert = "encoder_logp" if all("encoder_logp" in d for d in diag) else "proto_logp"
+    emb = {d["id"]: max(d[expert], key=d[expert].get) for d in diag}
     meta = json.loads((weights / "tickettune.json").read_text())
     return {"wall_s": round(wall, 1), "stages_s": stages, "steps": results["training"]["steps"],
             "peak_mb": round(peak), "intent": sum(preds[i] == g for i, g in gold.items()) / len(gold),

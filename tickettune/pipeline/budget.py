@@ -115,6 +115,9 @@ def plan_training(work: Workload, costs: Costs, seconds_left: float, vectors: np
     if not work.intent_epochs and not work.reply_epochs:
         return TrainingPlan(everyone, 0, 0, 0.0, reason="nothing to train", **done)
     # fewer epochs first, the same number for both adapters' share of time
+    if full <= share:
+        return TrainingPlan(everyone, work.intent_epochs, work.reply_epochs, full,
+                            reason=f"{why}: training is not cut, generation may be", **done)
     for epochs in range(max(work.intent_epochs, work.reply_epochs), 0, -1):
         e_i, e_r = min(epochs, work.intent_epochs), min(epochs, work.reply_epochs)
         if intent_1 * e_i + reply_1 * e_r <= share:

@@ -75,8 +75,10 @@ class RetrievalIndex:
     def fit(cls, examples: list[Example], tickets: np.ndarray, replies: np.ndarray) -> "RetrievalIndex":
         labels = tuple(sorted({e.intent for e in examples}))
         idx = np.array([labels.index(e.intent) for e in examples], dtype=np.int64)
-        return cls(tuple(examples), tickets, replies, labels, prototypes(tickets, replies, idx, len(labels)),
-                   fit_temperature(tickets, replies, idx, len(labels)))
+        said = np.array([[bool(e.ideal_reply.strip())] for e in examples])  # an empty reply says nothing
+        with_replies = np.where(said, replies, 0.0) if len(examples) else replies
+        return cls(tuple(examples), tickets, replies, labels, prototypes(tickets, with_replies, idx, len(labels)),
+                   fit_temperature(tickets, with_replies, idx, len(labels)))
 
     def without(self, rows: set[int]) -> "RetrievalIndex":
         """The index refitted without `rows` (prototypes and temperature too): for calibrating on them."""
