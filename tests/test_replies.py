@@ -96,3 +96,12 @@ def test_leave_one_out_choice_prefers_fewer_sentences_on_a_tie(bank):
 ])
 def test_generation_must_win_beyond_chance(pairs, wins):
     assert generation_wins(pairs) is wins
+
+
+def test_replies_without_sentences_compose_to_the_best_one():
+    """Rows whose reply is empty (an intent-only data set) still rank and compose."""
+    bank = ReplyBank(["a", "a", "a"], ["x", "y", "z"], ["", "", "One fact: $5."], fake_embed(["x", "y", "z"]),
+                     fake_embed(["", "", "One fact: $5."]), fake_embed)
+    v = fake_embed(["x"])[0]
+    assert bank.compose(v, [0, 1], 2) == "" and bank.compose(v, [0, 2], 2) == "One fact: $5."
+    assert choose_extra_sentences(bank, ["x", "y", "z"], fake_embed)[0] in (0, 1, 2)

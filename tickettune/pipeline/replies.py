@@ -77,9 +77,7 @@ class ReplyBank:
         rankings (the replies after the best one)."""
         todo = sorted({i for rows in ranked for i in rows[1:1 + COMPOSE_FROM]} - set(self._sentence_vectors))
         flat = [s for i in todo for s in self.sentences[i]]
-        if not flat:
-            return
-        vectors = self.embed(flat)
+        vectors = self.embed(flat) if flat else np.zeros((0, self.ticket_vectors.shape[1]), dtype=np.float32)
         start = 0
         for i in todo:
             self._sentence_vectors[i] = vectors[start:start + len(self.sentences[i])]
@@ -114,7 +112,7 @@ class ReplyBank:
             if facts(sentence) - have:  # a sentence already added may cover its facts
                 added.append(sentence)
                 have |= facts(sentence)
-        return " ".join([best] + added)
+        return " ".join([best] + added).strip()
 
 
 def proxy_quality(candidate: str, ideal: str, candidate_vector: np.ndarray, ideal_vector: np.ndarray) -> float:
