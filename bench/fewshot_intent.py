@@ -2,6 +2,7 @@
 """Few-shot intent benchmark: tickettune's intent pipeline against frozen-encoder baselines.
 
     python bench/fewshot_intent.py --data ../shared/datasets/banking77 --shots 5 10 --seeds 0 1 2 --json out.json
+    python bench/fewshot_intent.py --data bitext --shots 5 10 --seeds 0 1 2     # the probe-style check
 
 DIR holds `train.csv` and `test.csv` with the header `text,category` (any taxonomy, any size). For
 each seed and k, k train rows per intent are sampled exactly as ../shared/datasets/README.md says
@@ -15,6 +16,9 @@ file order, k)`), and every row of test.csv is scored. Methods:
                      planner, the held-out calibration) then `TicketModel.predict`. The rows carry no
                      replies, so the reply adapter is off (`train.reply_epochs` 0) and replies are
                      composed; `--budget-s` is the run's budget per fit, as run.py's --budget-s.
+
+`--data bitext` builds a probe-style split of ../shared/datasets/bitext-12 on the fly: train.csv holds
+the rows Bitext tagged neither Q (colloquial) nor Z (misspelt), test.csv every Q- or Z-tagged row.
 
 Prints a table (mean over seeds, and per seed) and writes {"results": [{"method", "shots", "seed",
 "accuracy", "seconds"}, ...]}. Seconds: fit and prediction of every test row.
@@ -46,6 +50,19 @@ METHODS = ("minilm-prototype", "minilm-logreg", "tickettune")
 def read_csv(path: Path) -> list[tuple[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return [(row["text"], row["category"]) for row in csv.DictReader(f)]
+
+
+def bitext_probe_split(out: Path) -> Path:
+    """train.csv (plain rows) and test.csv (Q- or Z-tagged rows) of Bitext-12 in `out`."""
+    rows = [json.loads(line) for line in (ROOT.parent / "shared" / "datasets" / "bitext-12" / "rows.jsonl")
+            .read_text(encoding="utf-8").splitlines() if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, keep in (("train.csv", lambda r: not set("QZ") & set(r["tags"])), ("test.csv", lambda r: set("QZ") & set(r["tags"]))):
+        with open(out / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "category"])
+            writer.writerows([r["ticket"], r["intent"]] for r in rows if keep(r))
+    return out
 
 
 def sample(rows: list[tuple[str, str]], k: int, seed: int) -> list[tuple[str, str]]:
@@ -98,12 +115,12 @@ def tickettune_method(train: list[tuple[str, str]], test: list[str], base, token
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="folder with train.csv and test.csv (text,category)")
+    p.add_argument("--data", required=True, help="folder with train.csv and test.csv (text,category), or `bitext`")
     p.add_argument("--shots", type=int, nargs="+", default=[5, 10])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--budget-s", type=float, default=240.0, help="tickettune's budget per fit, as run.py's")
-    p.add_argument("--limit-test", type=int, default=0, help="only the first N test rows (smoke tests)")
+    p.add_argument("--limit-test", type=int, default=0, help="only N test rows, evenly spread (smoke tests)")
     p.add_argument("--json", type=Path, help="write {\"results\": [...]} here")
     args = p.parse_args()
 
@@ -111,9 +128,12 @@ def main() -> int:
     from tickettune.pipeline.embeddings import embed
 
     runlog.setup(False)
-    train_rows, test_rows = read_csv(args.data / "train.csv"), read_csv(args.data / "test.csv")
-    if args.limit_test:
-        test_rows = test_rows[:args.limit_test]
+    import tempfile
+
+    data = bitext_probe_split(Path(tempfile.mkdtemp()) / "bitext-probes") if args.data == "bitext" else Path(args.data)
+    train_rows, test_rows = read_csv(data / "train.csv"), read_csv(data / "test.csv")
+    if args.limit_test:  # spread over the file (which may be sorted by intent)
+        test_rows = test_rows[::max(1, len(test_rows) // args.limit_test)][:args.limit_test]
     test_texts, gold = [t for t, _ in test_rows], [c for _, c in test_rows]
     t0 = time.perf_counter()
     test_vectors = embed(test_texts)
@@ -144,7 +164,7 @@ def main() -> int:
                 results.append({"method": method, "shots": k, "seed": seed, "accuracy": round(accuracy, 4),
                                 "seconds": round(seconds, 1)})
                 print(f"{method:17s} {k:>2}-shot seed {seed}: {accuracy:.4f} ({seconds:.0f} s)", file=sys.stderr)
-    print(f"\n{args.data.name}: {len(test_rows)} test rows; mean over seeds {args.seeds} (per seed)\n")
+    print(f"\n{data.name}: {len(test_rows)} test rows; mean over seeds {args.seeds} (per seed)\n")
     print("| method | " + " | ".join(f"{k}-shot" for k in args.shots) + " | seconds per fit |")
     print("| --- " * (len(args.shots) + 2) + "|")
     for method in args.methods:

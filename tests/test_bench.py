@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SAMPLE, write_jsonl
+from conftest import ROOT, SAMPLE
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +52,36 @@ def test_gpu_synthetic_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predictions byte-identical across 2 runs (latency_ms excluded): True" in proc.stdout
     assert proc.stdout.count("| 1 |") == 1 and "| 2 |" in proc.stdout
+
+
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.mark.skipif(not (SHARED / "banking77" / "train.csv").is_file(), reason="no ../shared/datasets here")
+def test_fewshot_intent_bench_runs_every_method_and_writes_json(tmp_path):
+    out = tmp_path / "fewshot.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fewshot_intent.py"), "--data",
+                           str(SHARED / "banking77"), "--shots", "2", "--seeds", "0", "--limit-test", "40",
+                           "--budget-s", "150", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["minilm-prototype", "minilm-logreg", "tickettune"]
+    assert all(r["shots"] == 2 and r["seed"] == 0 and 0.0 <= r["accuracy"] <= 1.0 for r in results)
+    assert results[2]["accuracy"] >= 0.3  # 2 rows of 77 intents: chance is 0.013
+    assert "| tickettune |" in proc.stdout
+
+
+@pytest.mark.skipif(not (SHARED / "banking77" / "train.csv").is_file(), reason="no ../shared/datasets here")
+def test_scale_bench_runs_a_cell_within_its_budget(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"train": {"epochs": 1, "max_steps": 2}, "infer": {"max_new_tokens": 8},
+                                  "encoder": {"min_steps": 5, "max_steps": 5}}))
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--train-rows", "40", "--val-rows", "12",
+                           "--budget-s", "200", "--config", str(config), "--json", str(out), "--plot",
+                           str(tmp_path / "scale.png")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [cell] = json.loads(out.read_text())
+    assert cell["train_rows"] == 40 and cell["val_rows"] == 12 and cell["steps"] > 0
+    assert set(cell["stages_s"]) >= {"embed", "load model", "train", "predict"}
+    assert cell["budget"]["costs"] is not None and (tmp_path / "scale.png").stat().st_size > 5_000

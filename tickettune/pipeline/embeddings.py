@@ -36,6 +36,12 @@ def bundled_embedder_path() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def encoder_name() -> str:
+    """How a saved model names the encoder it was built on: $TICKETTUNE_EMBEDDER (the user's folder) or
+    the bundled package's pin (never this machine's site-packages path)."""
+    return os.environ.get(ENV_EMBEDDER) or EMBEDDER_PIP
+
+
 def embedder_path() -> Path:
     """Folder of the sentence-transformers model: $TICKETTUNE_EMBEDDER, else the bundled package's."""
     if os.environ.get(ENV_EMBEDDER):

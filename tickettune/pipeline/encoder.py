@@ -211,8 +211,15 @@ class IntentEncoder:
     def save(self, folder: str | Path) -> None:
         from safetensors.numpy import save_file
 
+        from tickettune.pipeline.embeddings import encoder_name
+
         folder = Path(folder) / ENCODER_DIR
         folder.mkdir(parents=True, exist_ok=True)
+        name = encoder_name()  # portable: the package pin, not this machine's site-packages path
+        for config in self.model.peft_config.values():
+            config.base_model_name_or_path = name
+        base = self.model.get_base_model()
+        base.config.name_or_path = base.name_or_path = name
         self.model.save_pretrained(folder, safe_serialization=True)
         save_file({"coef": np.ascontiguousarray(self.coef), "intercept": np.ascontiguousarray(self.intercept)},
                   str(folder / HEAD_FILE))

@@ -742,7 +742,9 @@ function show(p) {
   $("alt-heading").hidden = others.length === 0;
   $("reply").textContent = p.prediction;
   $("source").textContent = {generated: "generated", repaired: "generated, facts restored",
-                             fallback: "nearest saved reply"}[p.reply_source] || p.reply_source;
+                             retrieved: "composed from the desk's replies",
+                             fallback: "composed from the desk's replies (generation failed)"}[p.reply_source]
+                            || p.reply_source;
   $("latency").textContent = p.latency_ms + " ms";
   $("result").hidden = false;
 }
