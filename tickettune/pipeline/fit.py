@@ -227,9 +227,9 @@ def _seconds(work) -> float:
 def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str, float]:
     """The intent ensemble's weights, chosen on the held-out rows (and noisy copies of them), which
     the encoder, its head and the intent adapter never saw; the prototypes are refitted without them.
-    The strongest expert (the encoder, else the prototypes) anchors at 1. Without held-out rows there
-    is nothing to measure: the embedding experts count equally and the LM (whose worth is unknown)
-    not at all; `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
+    Either embedding expert may anchor the scale, or be dropped (`intent.choose_weights`). Without
+    held-out rows there is nothing to measure: the embedding experts count equally and the LM (whose
+    worth is unknown) not at all; `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
     anchor = "encoder" if model.encoder is not None else "proto"
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
@@ -245,7 +245,7 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    weights = intent.choose_weights(experts, gold, anchor)
+    weights = intent.choose_weights(experts, gold)
     if fixed_lm is not None:
         weights["lm"] = fixed_lm if lm_trained else 0.0
     accuracy = {n: round(float((e.argmax(1) == gold).mean()), 3) for n, e in experts.items()}

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 PROTO_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+ENCODER_WEIGHTS = PROTO_WEIGHTS
 TOP_K = 8          # labels the LM scores per ticket: the other experts' best candidates
 NOT_SCORED = -1e9  # stands for log 0 in a weighted sum (0 * -inf would be NaN)
 
@@ -58,25 +59,32 @@ def candidates(experts: dict[str, np.ndarray], weights: dict[str, float], k: int
     return [sorted(int(c) for c in row) for row in top]
 
 
-def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray, anchor: str) -> dict[str, float]:
+def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray,
+                   anchors: tuple[str, ...] = ("encoder", "proto")) -> dict[str, float]:
     """The ensemble's weights that give the held-out rows' true intents the highest mean
-    log-likelihood: `anchor` (the strongest expert) at 1, the others from their grids; ties go to
-    the smaller weights. Experts: name -> (Q, C) log-probabilities.
+    log-likelihood. One embedding expert anchors the scale at 1 and the others come from their
+    grids (0 included); each of `anchors` present in `experts` takes that role in turn, so the
+    held-out rows can also drop either embedding expert. Ties keep the earlier anchor and, within
+    it, the smaller weights. Experts: name -> (Q, C) log-probabilities.
 
     >>> emb = np.log([[0.3, 0.7], [0.6, 0.4]])
-    >>> choose_weights({"proto": emb, "lm": np.log([[0.9, 0.1], [0.1, 0.9]])}, np.array([1, 0]), "proto")
+    >>> choose_weights({"proto": emb, "lm": np.log([[0.9, 0.1], [0.1, 0.9]])}, np.array([1, 0]))
     {'proto': 1.0, 'lm': 0.0}
-    >>> choose_weights({"proto": emb, "lm": np.log([[0.1, 0.9], [0.9, 0.1]])}, np.array([1, 0]), "proto")
+    >>> choose_weights({"proto": emb, "lm": np.log([[0.1, 0.9], [0.9, 0.1]])}, np.array([1, 0]))
     {'proto': 1.0, 'lm': 4.0}
+    >>> bad = np.log([[0.8, 0.2], [0.2, 0.8]])           # a confidently wrong encoder is dropped
+    >>> choose_weights({"encoder": bad, "proto": emb}, np.array([1, 0]))
+    {'proto': 1.0, 'encoder': 0.0}
     """
-    grids = {"proto": PROTO_WEIGHTS, "lm": LM_WEIGHTS}
-    free = [n for n in experts if n != anchor]
+    grids = {"proto": PROTO_WEIGHTS, "encoder": ENCODER_WEIGHTS, "lm": LM_WEIGHTS}
     best, best_score = None, -np.inf
-    for values in product(*(grids[n] for n in free)):
-        weights = {anchor: 1.0, **dict(zip(free, values))}
-        score = round(float(log_softmax(ensemble(experts, weights))[np.arange(len(gold)), gold].mean()), 6)
-        if score > best_score:  # the grid runs from small weights up: a tie keeps the smaller
-            best, best_score = weights, score
+    for anchor in (a for a in anchors if a in experts):
+        free = [n for n in experts if n != anchor]
+        for values in product(*(grids[n] for n in free)):
+            weights = {anchor: 1.0, **dict(zip(free, values))}
+            score = round(float(log_softmax(ensemble(experts, weights))[np.arange(len(gold)), gold].mean()), 6)
+            if score > best_score:  # the grids run from small weights up: a tie keeps the smaller
+                best, best_score = weights, score
     return best
 
 
