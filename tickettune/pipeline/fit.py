@@ -231,10 +231,9 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
     held-out rows there is nothing to measure: the embedding experts count equally and the LM (whose
     worth is unknown) not at all; `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
-    anchor = "encoder" if model.encoder is not None else "proto"
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     if not held or len(index.labels) < 2:
-        return {anchor: 1.0, **({"proto": 1.0} if anchor == "encoder" else {}),
+        return {"proto": 1.0, **({"encoder": 1.0} if model.encoder is not None else {}),
                 "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
     experts = {"proto": index.without(held).intent_logprobs(embed(texts))}
