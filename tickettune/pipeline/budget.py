@@ -109,7 +109,7 @@ def plan_training(work: Workload, costs: Costs, seconds_left: float, vectors: np
     done = dict(reserve_s=reserve, generate_s=generate, costs=costs if measured else None)
     if not measured or full + reserve + generate <= usable:
         return TrainingPlan(everyone, work.intent_epochs, work.reply_epochs, full, reason="everything fits", **done)
-    share = min(full, max(usable - reserve - generate, MIN_TRAIN_SHARE * (usable - reserve)))
+    share = max(0.0, min(full, max(usable - reserve - generate, MIN_TRAIN_SHARE * (usable - reserve))))
     why = (f"{usable:.0f} s usable: {reserve:.0f} s kept for label scoring, generating the held-out and val "
            f"replies would take {generate:.0f} s; training gets {share:.0f} s of the {full:.0f} s it wants")
     if not work.intent_epochs and not work.reply_epochs:

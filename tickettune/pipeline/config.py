@@ -61,6 +61,7 @@ class EncoderConfig:
     max_length: int = 128           # tokens of a ticket the encoder reads
     bf16: bool = True               # bf16 autocast for training where the CPU has bf16
     time_share: float = 0.25        # of the time left, at most, when the run has a deadline
+    time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (fit.encoder_deadline)
 
 
 REPLY_SOURCES = ("auto", "generate", "retrieve")
@@ -173,6 +174,7 @@ def validate(cfg: RunConfig) -> list[str]:
         (e.head_C > 0, "encoder.head_C must be > 0"),
         (e.max_length >= 8, "encoder.max_length must be >= 8"),
         (0 < e.time_share <= 1, "encoder.time_share must be in (0, 1]"),
+        (0 < e.time_share_alone <= 1, "encoder.time_share_alone must be in (0, 1]"),
         (t.lora_r >= 1, "train.lora_r must be >= 1"),
         (t.lora_alpha > 0, "train.lora_alpha must be > 0"),
         (0 <= t.lora_dropout < 1, "train.lora_dropout must be in [0, 1)"),

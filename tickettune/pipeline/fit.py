@@ -1,13 +1,15 @@
 """The training recipe: from a loaded base model and the train rows to a `TicketModel`.
 
 Phases, in order (each a call below, none hidden in a callback):
-1. attach two fresh LoRA adapters (seeded: PEFT initialises them from the global RNG);
-2. train the *intent* adapter on ticket -> label (+ noisy copies), never on the held-out rows;
-3. calibrate: score the held-out rows (+ noisy copies) with it, and choose the ensemble's LM
-   weight by their log-likelihood against an embedding classifier fitted without them;
-4. train the *reply* adapter on retrieved replies + ticket -> ideal reply, also never on the
+1. attach two fresh LoRA adapters (seeded: PEFT initialises them from the global RNG) and measure
+   this machine's costs (`measure_costs`);
+2. fine-tune the intent encoder, for the share of the time the budget leaves it (`encoder_deadline`);
+3. train the *intent* adapter on ticket -> label (+ noisy copies), never on the held-out rows;
+4. calibrate: score the held-out rows (+ noisy copies) with every expert, and choose the ensemble's
+   weights by their log-likelihood (`intent.choose_weights`; the LM must earn its weight beyond chance);
+5. train the *reply* adapter on retrieved replies + ticket -> ideal reply, also never on the
    held-out rows;
-5. choose the reply policy from evidence the run measures itself (`replies`): how many sentences
+6. choose the reply policy from evidence the run measures itself (`replies`): how many sentences
    a composed reply borrows, leave-one-out over the train rows; then whether the reply adapter
    writes replies at all: it generates for the held-out rows, and its grounded generations must
    beat the composed replies there by `replies.proxy_quality`, beyond chance (a one-sided paired
@@ -18,6 +20,7 @@ See `train` for the loop and val_loss, `intent` for the ensemble. Does not load 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -56,14 +59,16 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     caller, who owns the clock, fills in `training.wall_clock_s`."""
     examples = list(index.examples)
     held = train.holdout_rows(examples, cfg.train.holdout_frac, cfg.seed, cfg.train.holdout_max)
-    encoder = fit_encoder(index, held, cfg, plan, deadline)
-    trained = TicketModel(plan, cfg, None, tokenizer, index, {}, load_embedder().name, encoder=encoder)
+    trained = TicketModel(plan, cfg, None, tokenizer, index, {}, load_embedder().name)
     modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
     model = trained.model = modeling.add_lora(base, cfg.train)
     seqs = train.build_sequences(examples, tokenizer, cfg.train, reference_replies(trained, cfg.infer.n_references),
                                  list(index.labels) if cfg.infer.list_labels else None,
                                  cfg.infer.max_ticket_tokens, cfg.seed)
     costs = measure_costs(trained, seqs, held, cfg.infer.reply_source != "retrieve") if deadline else None
+    with torch_rng_kept():  # the encoder seeds torch itself; the adapters' draws stay as without it
+        encoder = trained.encoder = fit_encoder(index, held, cfg, plan, encoder_deadline(
+            trained, seqs, held, val_rows, costs, deadline))
     schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline)   # both adapters
     run = dict(cfg=cfg.train, seed=cfg.seed, autocast=lambda: modeling.training_context(plan))
 
@@ -111,8 +116,9 @@ def _reserve_end(deadline: float | None, schedule: budget.TrainingPlan) -> float
 
 def plan_budget(model: TicketModel, seqs: list, held: set[int], val_rows: int, costs: budget.Costs | None,
                 deadline: float | None, intent_done: bool = False, score_val: bool = True,
-                first: budget.TrainingPlan | None = None) -> budget.TrainingPlan:
-    """The training plan for the time left (everything, without a deadline), logged with its reason.
+                first: budget.TrainingPlan | None = None, quiet: bool = False) -> budget.TrainingPlan:
+    """The training plan for the time left (everything, without a deadline), logged with its reason
+    (`quiet`: not logged).
     `intent_done`: the intent adapter has trained and been calibrated on (`first` is its plan),
     so only the reply adapter is planned; `score_val`: prediction will score labels."""
     cfg = model.config
@@ -132,6 +138,8 @@ def plan_budget(model: TicketModel, seqs: list, held: set[int], val_rows: int, c
     if intent_done and first is not None:  # one record: the intent adapter's part of the first plan stays
         schedule = replace(schedule, intent_epochs=first.intent_epochs,
                            reason=f"intent adapter: {first.reason}; reply adapter: {schedule.reason}")
+    if quiet:
+        return schedule
     log.info("budget%s: %s (measured: %.2f ms per intent token, %.2f ms per reply token, %.2f s per ticket "
              "scored, %.2f s per reply generated)", " (reply adapter)" if intent_done else "", schedule.reason,
              1e3 * costs.intent_s_per_token, 1e3 * costs.reply_s_per_token, costs.score_s_per_ticket,
@@ -235,7 +243,7 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
     if not held or len(index.labels) < 2:
         return {"proto": 1.0, **({"encoder": 1.0} if model.encoder is not None else {}),
                 "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
-    texts, gold = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
+    texts, gold, rows = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
     experts = {"proto": index.without(held).intent_logprobs(embed(texts))}
     if model.encoder is not None:
         experts["encoder"] = model.encoder.logprobs(texts)
@@ -244,7 +252,7 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    weights = intent.choose_weights(experts, gold)
+    weights = intent.choose_weights(experts, gold, rows=rows)
     if fixed_lm is not None:
         weights["lm"] = fixed_lm if lm_trained else 0.0
     accuracy = {n: round(float((e.argmax(1) == gold).mean()), 3) for n, e in experts.items()}
@@ -259,15 +267,42 @@ def training_texts_of(index: RetrievalIndex, held: set[int], cfg: RunConfig) -> 
                                          cfg.encoder, cfg.seed)
 
 
+def encoder_deadline(model: TicketModel, seqs: list, held: set[int], val_rows: int, costs: budget.Costs | None,
+                     deadline: float | None) -> float | None:
+    """When the intent encoder must stop training: after `encoder.time_share` of the time left, or,
+    when the LM adapters could not train a single step in the time that share leaves (the measured
+    plan says so: many val tickets to score, a short budget), after `encoder.time_share_alone`: the
+    LM would not use the rest, so the encoder does. None without a deadline."""
+    if deadline is None:
+        return None
+    now = time.monotonic()
+    share = model.config.encoder.time_share
+    if costs is not None:
+        after = plan_budget(model, seqs, held, val_rows, costs, now + (1 - share) * (deadline - now), quiet=True)
+        if not after.trains:
+            share = max(share, model.config.encoder.time_share_alone)
+            log.info("intent encoder: %.0f%% of the time left (the adapters cannot train in what %.0f%% would "
+                     "leave: %s)", 100 * share, 100 * model.config.encoder.time_share, after.reason)
+    return now + share * (deadline - now)
+
+
+@contextlib.contextmanager
+def torch_rng_kept():
+    """Torch's global RNG state (CPU and CUDA) as it was before the block."""
+    import torch
+
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        yield
+
+
 def fit_encoder(index: RetrievalIndex, held: set[int], cfg: RunConfig, plan: Plan,
-                deadline: float | None) -> IntentEncoder | None:
-    """The fine-tuned intent encoder, on every train row but the held-out ones, within
-    `encoder.time_share` of the time left; None when disabled, when there is one intent only, or
-    when the bundled encoder is not there (the prototypes then stand alone)."""
+                until: float | None) -> IntentEncoder | None:
+    """The fine-tuned intent encoder, on every train row but the held-out ones, training until
+    `until` (monotonic s; `encoder_deadline`) at the latest; None when disabled, when there is one
+    intent only, or when the bundled encoder is not there (the prototypes then stand alone)."""
     if not cfg.encoder.enabled or len(index.labels) < 2:
         return None
     texts, y = training_texts_of(index, held, cfg)
-    until = None if deadline is None else time.monotonic() + cfg.encoder.time_share * (deadline - time.monotonic())
     settings = replace(cfg.encoder, bf16=cfg.encoder.bf16 and plan_module.cpu_has_bf16())
     try:
         return IntentEncoder.fit(texts, y, list(index.labels), settings, cfg.seed, deadline=until)

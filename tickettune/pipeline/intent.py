@@ -60,45 +60,108 @@ def candidates(experts: dict[str, np.ndarray], weights: dict[str, float], k: int
 
 
 def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray,
-                   anchors: tuple[str, ...] = ("encoder", "proto")) -> dict[str, float]:
-    """The ensemble's weights that give the held-out rows' true intents the highest mean
-    log-likelihood. One embedding expert anchors the scale at 1 and the others come from their
-    grids (0 included); each of `anchors` present in `experts` takes that role in turn, so the
-    held-out rows can also drop either embedding expert. Ties keep the earlier anchor and, within
-    it, the smaller weights. Experts: name -> (Q, C) log-probabilities.
+                   anchors: tuple[str, ...] = ("encoder", "proto"), rows: np.ndarray | None = None,
+                   level: float = 0.05) -> dict[str, float]:
+    """The ensemble's weights, chosen on the held-out rows by the log-likelihood of their true
+    intents. Experts: name -> (Q, C) log-probabilities; `rows`: each query's held-out row, so that a
+    ticket and its noisy copies count once (default: each query its own row).
+
+    A trained expert must earn its weight. The run starts from the expert that learns nothing from
+    the train rows but their mean, the frozen prototypes, and moves away from them only on evidence:
+    1. the best weights of the embedding experts (one anchors the scale at 1, the other from its
+       grid, 0 included; each of `anchors` takes that role in turn; ties keep the earlier anchor and
+       the smaller weights) replace the prototypes alone only when they beat them beyond chance;
+    2. the LM, the slowest expert and on a small model the least reliable, gets a weight only when
+       the best weights with it beat step 1's beyond chance.
+    "Beyond chance" is a one-sided paired t-test at `level` over the held-out rows (`significant_gain`).
+    A handful of held-out rows otherwise lets one lucky row choose: on six rows it had handed the
+    135M LM, the weakest expert alone, the largest weight.
 
     >>> emb = np.log([[0.3, 0.7], [0.6, 0.4]])
     >>> choose_weights({"proto": emb, "lm": np.log([[0.9, 0.1], [0.1, 0.9]])}, np.array([1, 0]))
     {'proto': 1.0, 'lm': 0.0}
-    >>> choose_weights({"proto": emb, "lm": np.log([[0.1, 0.9], [0.9, 0.1]])}, np.array([1, 0]))
+    >>> gold = np.array([1, 0] * 4)                      # an LM right where the prototypes are unsure
+    >>> choose_weights({"proto": np.vstack([emb] * 4), "lm": np.log([[0.1, 0.9], [0.9, 0.1]] * 4)}, gold)
     {'proto': 1.0, 'lm': 4.0}
+    >>> choose_weights({"proto": emb, "lm": np.log([[0.1, 0.9], [0.9, 0.1]])}, np.array([1, 0]))  # 2 rows: chance
+    {'proto': 1.0, 'lm': 0.0}
     >>> bad = np.log([[0.8, 0.2], [0.2, 0.8]])           # a confidently wrong encoder is dropped
     >>> choose_weights({"encoder": bad, "proto": emb}, np.array([1, 0]))
     {'proto': 1.0, 'encoder': 0.0}
     """
-    grids = {"proto": PROTO_WEIGHTS, "encoder": ENCODER_WEIGHTS, "lm": LM_WEIGHTS}
+    rows = np.arange(len(gold)) if rows is None else np.asarray(rows)
+
+    def beats(better: dict[str, float], than: dict[str, float]) -> bool:
+        gains = _gold_loglik(experts, better, gold) - _gold_loglik(experts, than, gold)
+        return significant_gain(_per_row(gains, rows), level)
+
+    embedding = _best_weights(experts, gold, anchors, (0.0,))
+    if "proto" in experts:
+        frozen = {"proto": 1.0, **{n: 0.0 for n in experts if n != "proto"}}
+        if embedding != frozen and not beats(embedding, frozen):
+            embedding = frozen
+    if "lm" not in experts:
+        return embedding
+    best = _best_weights(experts, gold, anchors, LM_WEIGHTS)
+    return best if best.get("lm") and beats(best, embedding) else embedding
+
+
+def significant_gain(gains: np.ndarray, level: float = 0.05) -> bool:
+    """True when the paired `gains` are positive beyond chance: a one-sided t-test at `level`.
+    Fewer than two gains prove nothing; gains that are all equal and positive are a win.
+
+    >>> significant_gain(np.array([0.2, 0.1, 0.2])), significant_gain(np.array([0.3, -0.1, 0.0]))
+    (True, False)
+    """
+    from scipy.stats import ttest_1samp
+
+    gains = np.asarray(gains, dtype=float)
+    if len(gains) < 2 or gains.mean() <= 0:
+        return False
+    if np.all(gains == gains[0]):
+        return True
+    return bool(ttest_1samp(gains, 0.0, alternative="greater").pvalue < level)
+
+
+def _best_weights(experts: dict[str, np.ndarray], gold: np.ndarray, anchors: tuple[str, ...],
+                  lm_grid: tuple[float, ...]) -> dict[str, float]:
+    grids = {"proto": PROTO_WEIGHTS, "encoder": ENCODER_WEIGHTS, "lm": lm_grid}
     best, best_score = None, -np.inf
     for anchor in (a for a in anchors if a in experts):
         free = [n for n in experts if n != anchor]
         for values in product(*(grids[n] for n in free)):
             weights = {anchor: 1.0, **dict(zip(free, values))}
-            score = round(float(log_softmax(ensemble(experts, weights))[np.arange(len(gold)), gold].mean()), 6)
+            score = round(float(_gold_loglik(experts, weights, gold).mean()), 6)
             if score > best_score:  # the grids run from small weights up: a tie keeps the smaller
                 best, best_score = weights, score
     return best
 
 
-def heldout_queries(examples: list[Example], held: set[int], copies: int, seed: int) -> tuple[list[str], np.ndarray]:
+def _gold_loglik(experts: dict[str, np.ndarray], weights: dict[str, float], gold: np.ndarray) -> np.ndarray:
+    """(Q,) each query's log-likelihood of its true intent under the ensemble with `weights`."""
+    return log_softmax(ensemble(experts, weights))[np.arange(len(gold)), gold]
+
+
+def _per_row(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The mean of `values` per distinct row, in order of first appearance."""
+    order = list(dict.fromkeys(rows.tolist()))
+    return np.array([values[rows == r].mean() for r in order])
+
+
+def heldout_queries(examples: list[Example], held: set[int], copies: int,
+                    seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The held-out rows' tickets and `copies` noisy copies of each (so that robustness to
-    paraphrase counts in the calibration), with their gold label indices over the taxonomy."""
+    paraphrase counts in the calibration), their gold label indices over the taxonomy, and each
+    query's row (a ticket and its copies share one)."""
     labels = sorted({e.intent for e in examples})
     rng = random.Random(seed + 1)
-    texts, gold = [], []
+    texts, gold, rows = [], [], []
     for i in sorted(held):
         for text in [examples[i].ticket] + noisy_copies(examples[i].ticket, copies, rng):
             texts.append(text)
             gold.append(labels.index(examples[i].intent))
-    return texts, np.array(gold, dtype=np.int64)
+            rows.append(i)
+    return texts, np.array(gold, dtype=np.int64), np.array(rows, dtype=np.int64)
 
 
 def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_size: int,

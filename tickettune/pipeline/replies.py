@@ -165,11 +165,6 @@ def generation_wins(pairs: list[tuple[float, float]], level: float = 0.05) -> bo
     >>> generation_wins([(0.9, 0.6), (0.5, 0.6), (0.6, 0.6)])   # one lucky row is not a win
     False
     """
-    from scipy.stats import ttest_1samp
+    from tickettune.pipeline.intent import significant_gain
 
-    gains = np.array([g - c for g, c in pairs])
-    if len(gains) < 2 or gains.mean() <= 0:
-        return False
-    if np.all(gains == gains[0]):  # no spread: every row gained the same
-        return True
-    return bool(ttest_1samp(gains, 0.0, alternative="greater").pvalue < level)
+    return significant_gain(np.array([g - c for g, c in pairs]), level)

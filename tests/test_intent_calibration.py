@@ -1,0 +1,78 @@
+"""The ensemble's calibration and the intent encoder's share of the time: pure logic, milliseconds."""
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tickettune.pipeline import budget
+from tickettune.pipeline.config import RunConfig
+from tickettune.pipeline.data import Example
+from tickettune.pipeline.fit import encoder_deadline
+from tickettune.pipeline.intent import choose_weights, heldout_queries
+
+
+def _experts(n_rows: int, copies: int, lm_right: bool = True):
+    """Prototypes unsure everywhere, an LM fairly sure and right (or wrong): n_rows held-out rows, each
+    with `copies` identical noisy copies (the worst case for counting copies as evidence)."""
+    per = 1 + copies
+    gold = np.array([r % 2 for r in range(n_rows) for _ in range(per)])
+    sure = np.array([0.9 if r % 2 == 0 else 0.55 for r in range(n_rows) for _ in range(per)])[:, None]
+    proto = np.log(np.where(np.eye(2)[gold] == 1, 0.45, 0.55))
+    lm = np.log(np.where(np.eye(2)[gold] == 1, sure if lm_right else 1 - sure, 1 - sure if lm_right else sure))
+    return {"proto": proto, "lm": lm}, gold, np.repeat(np.arange(n_rows), per)
+
+
+def test_the_lm_earns_its_weight_only_beyond_chance_over_rows_not_copies():
+    experts, gold, rows = _experts(n_rows=2, copies=3)
+    # per query (8 queries, all gaining) it looks significant; per row (2 rows) it is not
+    assert choose_weights(experts, gold)["lm"] > 0
+    assert choose_weights(experts, gold, rows=rows)["lm"] == 0.0
+    experts, gold, rows = _experts(n_rows=6, copies=3)
+    assert choose_weights(experts, gold, rows=rows)["lm"] > 0
+
+
+def test_a_wrong_lm_gets_no_weight():
+    experts, gold, rows = _experts(n_rows=6, copies=1, lm_right=False)
+    assert choose_weights(experts, gold, rows=rows) == {"proto": 1.0, "lm": 0.0}
+
+
+def test_heldout_queries_name_each_querys_row():
+    examples = [Example(str(i), f"ticket number {i} about the billing page", "a" if i % 2 else "b", "")
+                for i in range(6)]
+    texts, gold, rows = heldout_queries(examples, {1, 4}, copies=2, seed=0)
+    assert len(texts) == len(gold) == len(rows) == 6
+    assert rows.tolist() == [1, 1, 1, 4, 4, 4] and gold.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def _model(n_rows: int):
+    examples = tuple(Example(str(i), "t", f"i{i % 3}", "r") for i in range(n_rows))
+    index = SimpleNamespace(examples=examples, vectors=np.eye(n_rows))
+    seqs = [SimpleNamespace(row=i, task=task, input_ids=[0] * 50) for i in range(n_rows) for task in ("intent", "reply")]
+    return SimpleNamespace(config=RunConfig(), index=index), seqs
+
+
+@pytest.mark.parametrize("score_s, share", [(0.01, "time_share"), (10.0, "time_share_alone")])
+def test_the_encoder_takes_the_time_the_adapters_cannot_use(score_s, share):
+    model, seqs = _model(12)
+    costs = budget.Costs(1e-3, 1e-3, score_s, 0.0)    # 10 s per val ticket scored: nothing else fits
+    deadline = time.monotonic() + 300
+    until = encoder_deadline(model, seqs, set(), val_rows=100, costs=costs, deadline=deadline)
+    expected = getattr(model.config.encoder, share)
+    assert until - time.monotonic() == pytest.approx(expected * 300, abs=2)
+    assert encoder_deadline(model, seqs, set(), 100, costs, None) is None
+
+
+def test_the_encoder_replaces_the_prototypes_only_on_evidence():
+    def experts(n_rows: int):
+        gold = np.array([r % 2 for r in range(n_rows)])
+        right = np.eye(2)[gold] == 1
+        sure = np.where(np.arange(n_rows) % 3 == 0, 0.6, 0.9)[:, None]   # right everywhere, surer mostly
+        return {"proto": np.log(np.where(right, 0.55, 0.45)), "encoder": np.log(np.where(right, sure, 1 - sure))}, gold
+
+    few, gold = experts(2)     # one row each way: no evidence, the prototypes stay alone
+    assert choose_weights(few, gold) == {"proto": 1.0, "encoder": 0.0}
+    many, gold = experts(12)
+    weights = choose_weights(many, gold)
+    assert weights["encoder"] > 0 and weights != {"proto": 1.0, "encoder": 0.0}
