@@ -76,3 +76,10 @@ def test_the_encoder_replaces_the_prototypes_only_on_evidence():
     many, gold = experts(12)
     weights = choose_weights(many, gold)
     assert weights["encoder"] > 0 and weights != {"proto": 1.0, "encoder": 0.0}
+
+
+def test_without_evidence_the_prior_stands():
+    experts, gold = {"proto": np.log([[0.45, 0.55], [0.55, 0.45]]), "encoder": np.log([[0.1, 0.9], [0.48, 0.52]])}, np.array([1, 0])
+    equal = {"proto": 1.0, "encoder": 1.0}
+    assert choose_weights(experts, gold, prior=equal) == equal          # two rows: the encoder's edge is chance
+    assert choose_weights(experts, gold) == {"proto": 1.0, "encoder": 0.0}

@@ -235,7 +235,8 @@ def _seconds(work) -> float:
 def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str, float]:
     """The intent ensemble's weights, chosen on the held-out rows (and noisy copies of them), which
     the encoder, its head and the intent adapter never saw; the prototypes are refitted without them.
-    Either embedding expert may anchor the scale, or be dropped (`intent.choose_weights`). Without
+    They move away from `intent.prior_weights` (the prototypes alone when the desk's replies are there,
+    else the embedding experts equally) only on evidence beyond chance (`intent.choose_weights`). Without
     held-out rows there is nothing to measure: the embedding experts count equally and the LM (whose
     worth is unknown) not at all; `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
@@ -252,7 +253,8 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    weights = intent.choose_weights(experts, gold, rows=rows)
+    prior = intent.prior_weights(list(experts), any(e.ideal_reply.strip() for e in index.examples))
+    weights = intent.choose_weights(experts, gold, rows=rows, prior=prior)
     if fixed_lm is not None:
         weights["lm"] = fixed_lm if lm_trained else 0.0
     accuracy = {n: round(float((e.argmax(1) == gold).mean()), 3) for n, e in experts.items()}

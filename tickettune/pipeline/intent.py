@@ -61,16 +61,16 @@ def candidates(experts: dict[str, np.ndarray], weights: dict[str, float], k: int
 
 def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray,
                    anchors: tuple[str, ...] = ("encoder", "proto"), rows: np.ndarray | None = None,
-                   level: float = 0.05) -> dict[str, float]:
+                   level: float = 0.05, prior: dict[str, float] | None = None) -> dict[str, float]:
     """The ensemble's weights, chosen on the held-out rows by the log-likelihood of their true
     intents. Experts: name -> (Q, C) log-probabilities; `rows`: each query's held-out row, so that a
     ticket and its noisy copies count once (default: each query its own row).
 
-    A trained expert must earn its weight. The run starts from the expert that learns nothing from
-    the train rows but their mean, the frozen prototypes, and moves away from them only on evidence:
+    The weights move away from a `prior` only on evidence (default: the frozen prototypes alone,
+    the expert that learns nothing from the train rows but their mean; `prior_weights`):
     1. the best weights of the embedding experts (one anchors the scale at 1, the other from its
        grid, 0 included; each of `anchors` takes that role in turn; ties keep the earlier anchor and
-       the smaller weights) replace the prototypes alone only when they beat them beyond chance;
+       the smaller weights) replace the prior only when they beat it beyond chance;
     2. the LM, the slowest expert and on a small model the least reliable, gets a weight only when
        the best weights with it beat step 1's beyond chance.
     "Beyond chance" is a one-sided paired t-test at `level` over the held-out rows (`significant_gain`).
@@ -96,14 +96,28 @@ def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray,
         return significant_gain(_per_row(gains, rows), level)
 
     embedding = _best_weights(experts, gold, anchors, (0.0,))
-    if "proto" in experts:
-        frozen = {"proto": 1.0, **{n: 0.0 for n in experts if n != "proto"}}
-        if embedding != frozen and not beats(embedding, frozen):
-            embedding = frozen
+    prior = {n: 0.0 for n in experts} | (prior or {"proto": 1.0})
+    if all(n in experts for n, w in prior.items() if w) and embedding != prior and not beats(embedding, prior):
+        embedding = prior
     if "lm" not in experts:
         return embedding
     best = _best_weights(experts, gold, anchors, LM_WEIGHTS)
     return best if best.get("lm") and beats(best, embedding) else embedding
+
+
+def prior_weights(experts: list[str], replies_said: bool) -> dict[str, float]:
+    """The weights the held-out rows must argue the ensemble away from (`choose_weights`). With the
+    desk's replies the prototypes (ticket *and* reply embeddings of each intent) alone: the
+    strongest single expert on every support set measured (README), and untrained. Without replies
+    (intent benchmarks) a prototype is only the mean of a few tickets, the weakest expert measured;
+    then the embedding experts count equally.
+
+    >>> prior_weights(["proto", "encoder", "lm"], True), prior_weights(["proto", "encoder", "lm"], False)
+    ({'proto': 1.0}, {'proto': 1.0, 'encoder': 1.0})
+    """
+    if replies_said or "encoder" not in experts:
+        return {"proto": 1.0}
+    return {"proto": 1.0, "encoder": 1.0}
 
 
 def significant_gain(gains: np.ndarray, level: float = 0.05) -> bool:
