@@ -1,7 +1,8 @@
 """Intent prediction: an ensemble of experts, each giving log P(intent | ticket) over the train
 intents — the fine-tuned intent encoder (`encoder`), the frozen prototype classifier (`retrieval`)
-and the label log-likelihoods of the LoRA-tuned LM (below) — weighted as the held-out rows say
-(`choose_weights`). The answer is always one of the train intents.
+and the label log-likelihoods of the LoRA-tuned LM (below) — weighted from a prior (`prior_weights`)
+that the held-out rows may change only beyond chance (`choose_weights`). The answer is always one of the
+train intents.
 
 Label scoring shares each ticket's prompt: the prompts of a batch run once (left padded), their
 KV cache is repeated once per label, and only the label tokens run again. A label's score is the
