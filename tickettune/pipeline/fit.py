@@ -293,7 +293,7 @@ def torch_rng_kept():
     """Torch's global RNG state (CPU and CUDA) as it was before the block."""
     import torch
 
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # 0 devices without CUDA
         yield
 
 
