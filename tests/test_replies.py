@@ -105,3 +105,35 @@ def test_replies_without_sentences_compose_to_the_best_one():
     v = fake_embed(["x"])[0]
     assert bank.compose(v, [0, 1], 2) == "" and bank.compose(v, [0, 2], 2) == "One fact: $5."
     assert choose_extra_sentences(bank, ["x", "y", "z"], fake_embed)[0] in (0, 1, 2)
+
+
+def _order_bank():
+    tickets = ["cancel order 732201349959", "how do I cancel an order", "cancel order 00123842 now"]
+    replies = ["Order 732201349959 can be cancelled under Orders. Fees: none.",
+               "Any order can be cancelled under Orders.",
+               "Order 00123842 is cancelled under Orders → Cancel. Call 555-0100."]
+    return ReplyBank(["cancel"] * 3, tickets, replies, fake_embed(tickets), fake_embed(replies), fake_embed)
+
+
+def test_a_borrowed_reply_states_the_new_customers_number_not_the_old_ones():
+    bank = _order_bank()
+    v = fake_embed(["x"])[0]
+    assert bank.compose(v, [0, 1, 2], 0, "please cancel order 113542617735902") == \
+        "Order 113542617735902 can be cancelled under Orders. Fees: none."
+    # no number in the ticket: the first reply that echoes none is taken instead
+    assert bank.compose(v, [0, 1, 2], 0, "how do I cancel?") == "Any order can be cancelled under Orders."
+    # two numbers: which is the order is unknown, so neither is guessed
+    assert bank.compose(v, [0, 1], 0, "orders 11111111 and 22222222") == "Any order can be cancelled under Orders."
+    # nothing better among the candidates: the best reply as it is
+    assert bank.compose(v, [0], 0, "cancel it") == bank.replies[0]
+    assert bank.reference(2, "order 99999") == "Order 99999 is cancelled under Orders → Cancel. Call 555-0100."
+
+
+def test_borrowed_sentences_never_carry_another_customers_number():
+    bank = _order_bank()
+    v = fake_embed(["x"])[0]
+    composed = bank.compose(v, [1, 2, 0], 2, "how do I cancel?")
+    assert composed.startswith(bank.replies[1]) and "00123842" not in composed and "732201349959" not in composed
+    assert "Call 555-0100." in composed                       # a desk fact of the same reply may still be borrowed
+    with_number = bank.compose(v, [1, 2, 0], 2, "cancel 44444444")
+    assert "00123842" not in with_number and "732201349959" not in with_number

@@ -184,9 +184,10 @@ def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bo
 
 
 def reference_replies(model: TicketModel, k: int) -> list[list[str]]:
-    """Per train row, the `k` most relevant other replies of its intent: the reply task's references."""
+    """Per train row, the `k` most relevant other replies of its intent, personalised to its ticket
+    (`ReplyBank.reference`): the reply task's references."""
     bank, examples = model.bank, model.index.examples
-    return [[bank.replies[j] for j in bank.rank(v, e.ticket, e.intent, exclude=i)[:k]]
+    return [[bank.reference(j, e.ticket) for j in bank.rank(v, e.ticket, e.intent, exclude=i)[:k]]
             for i, (e, v) in enumerate(zip(examples, model.index.vectors))]
 
 
@@ -210,7 +211,7 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
         written = model.write_replies(texts, [examples[i].ticket for i in rows], model.index.vectors[rows], ranked,
                                       deadline)
     generated = [grounded.reply for _, grounded in written]
-    composed = [bank.compose(model.index.vectors[i], r, k) for i, r in zip(rows, ranked)]
+    composed = [bank.compose(model.index.vectors[i], r, k, examples[i].ticket) for i, r in zip(rows, ranked)]
     vectors = embed(generated + composed)
     pairs = [(replies.proxy_quality(g, bank.replies[i], gv, bank.reply_vectors[i]),
               replies.proxy_quality(c, bank.replies[i], cv, bank.reply_vectors[i]))

@@ -11,6 +11,13 @@ Composition (`compose`): the best-ranked reply, plus up to `k` sentences of the 
 that state a fact (`grounding.facts`) it does not, most ticket-relevant first. Every sentence is
 the company's own, so a composed reply never states a fact no retrieved reply supports.
 
+A train reply that repeats an identifier of its own ticket (an order or account number: five
+digits or more, `identifiers`) is talking to that customer; borrowed for a new ticket it would
+state someone else's number. `personalise` puts the new ticket's identifier in its place when the
+ticket has exactly one, and a reply or sentence that cannot be personalised (the ticket has none, or
+several) is passed over when the other candidates allow (`compose`). Emails are left alone: in
+support tickets they are as often the desk's own address as the customer's.
+
 `proxy_quality` mirrors the grader's reply score without labels it does not have: ½ embedding
 cosine to the ideal reply (the judge) + ¼ recall of the ideal's facts (must-mention) + ¼ precision
 of the candidate's facts (must-not-mention: a sibling case's facts count against it). The run
@@ -36,6 +43,16 @@ EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
 COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
 LOO_ROWS = 300                   # train rows the leave-one-out choice of k looks at, at most
 _WORD = re.compile(r"[a-z0-9$€£%]+")
+_IDENTIFIER = re.compile(r"(?<![\w.,])\d{5,}(?![\w]|[.,]\d)")  # five digits or more, not part of a price
+
+
+def identifiers(text: str) -> list[str]:
+    """The order, account or reference numbers `text` states (five digits or more), in order, once.
+
+    >>> identifiers("Order 113542617735902 (not 1,250.00 or 2024) and order 00123842; again 00123842")
+    ['113542617735902', '00123842']
+    """
+    return list(dict.fromkeys(_IDENTIFIER.findall(text)))
 
 
 def content_words(text: str) -> frozenset[str]:
@@ -66,6 +83,7 @@ class ReplyBank:
         self.intents, self.replies = intents, [r.strip() for r in replies]
         self.ticket_vectors, self.reply_vectors, self.embed = ticket_vectors, reply_vectors, embed
         self.words = [content_words(t + " " + r) for t, r in zip(tickets, replies)]
+        self.echoes = [set(identifiers(t)) & set(identifiers(r)) for t, r in zip(tickets, self.replies)]
         self.sentences = [split_sentences(r) for r in self.replies]
         self._sentence_vectors: dict[int, np.ndarray] = {}  # embedded on first use: large banks need few
         self._rows_of: dict[str, list[int]] = {}
@@ -92,18 +110,45 @@ class ReplyBank:
                  + ww * len(words & self.words[i]) / max(1, len(words)) for i in rows}
         return sorted(rows, key=lambda i: (-round(score[i], 6), i))
 
-    def compose(self, vector: np.ndarray, rows: list[int], k: int) -> str:
-        """The reply of `rows[0]` plus up to `k` sentences of the next replies that add a fact to it,
+    def personalise(self, row: int, ticket: str, text: str | None = None) -> str | None:
+        """`text` (default: reply `row`) with each identifier that row's reply echoed from its own
+        ticket replaced by `ticket`'s identifier; None when one is there and `ticket` does not have
+        exactly one to put in its place. Text without such identifiers comes back unchanged.
+
+        >>> bank = ReplyBank(["a"], ["Cancel order 732201349959"], ["Order 732201349959 is cancelled."],
+        ...                  np.zeros((1, 2)), np.zeros((1, 2)), None)
+        >>> bank.personalise(0, "cancel 113542617735902 please"), bank.personalise(0, "cancel my order")
+        ('Order 113542617735902 is cancelled.', None)
+        """
+        text = self.replies[row] if text is None else text
+        echoed = [x for x in self.echoes[row] if x in text]
+        if not echoed:
+            return text
+        own = identifiers(ticket)
+        if len(own) != 1:
+            return None
+        return re.sub("|".join(sorted(map(re.escape, echoed), key=len, reverse=True)), own[0], text)
+
+    def reference(self, row: int, ticket: str) -> str:
+        """Reply `row` as a reference for `ticket`: personalised where it can be."""
+        return self.personalise(row, ticket) or self.replies[row]
+
+    def compose(self, vector: np.ndarray, rows: list[int], k: int, ticket: str = "") -> str:
+        """The first reply of `rows` (of the first 1 + COMPOSE_FROM) that `personalise` can fit to
+        `ticket`, else `rows[0]`'s, plus up to `k` sentences of the next replies that add a fact to it,
         most similar to the ticket first (ties: reply order). '' when `rows` is empty."""
         if not rows:
             return ""
-        best = self.replies[rows[0]]
+        first = next((i for i in rows[:1 + COMPOSE_FROM] if self.personalise(i, ticket) is not None), rows[0])
+        best = self.reference(first, ticket)
         if k <= 0:
             return best
         have = facts(best)
-        self.prepare([rows])
-        pool = [(float(v @ vector), n, s) for n, i in enumerate(rows[1:1 + COMPOSE_FROM])
-                for s, v in zip(self.sentences[i], self._sentence_vectors[i]) if facts(s) - have and s not in best]
+        lenders = [i for i in rows[:2 + COMPOSE_FROM] if i != first][:COMPOSE_FROM]
+        self.prepare([[first] + lenders])
+        pool = [(float(v @ vector), n, text) for n, i in enumerate(lenders)
+                for s, v in zip(self.sentences[i], self._sentence_vectors[i])
+                if (text := self.personalise(i, ticket, s)) is not None and facts(text) - have and text not in best]
         pool.sort(key=lambda p: (-round(p[0], 6), p[1]))
         added: list[str] = []
         for _, _, sentence in pool:
@@ -145,7 +190,7 @@ def choose_extra_sentences(bank: ReplyBank, tickets: list[str], embed,
     bank.prepare(list(ranked.values()))
     means = {}
     for k in EXTRA_SENTENCES:
-        candidates = [bank.compose(bank.ticket_vectors[i], ranked[i], k) for i in rows]
+        candidates = [bank.compose(bank.ticket_vectors[i], ranked[i], k, tickets[i]) for i in rows]
         vectors = embed(candidates)
         means[k] = round(float(np.mean([proxy_quality(c, bank.replies[i], v, bank.reply_vectors[i])
                                         for c, v, i in zip(candidates, vectors, rows)])), 4)

@@ -159,11 +159,13 @@ class TicketModel:
         from tickettune.pipeline.grounding import Grounded, ground
 
         cfg, policy, bank = self.config.infer, self.reply_policy, self.bank
-        composed = [bank.compose(v, rows, policy.extra_sentences) for v, rows in zip(vectors, ranked)]
+        composed = [bank.compose(v, rows, policy.extra_sentences, raw)
+                    for v, rows, raw in zip(vectors, ranked, raw_tickets)]
         if policy.source != "generate":
             detail = f"composed from the desk's replies (+{policy.extra_sentences} sentences at most)"
             return [(None, Grounded(c, "retrieved", detail)) for c in composed]
-        refs = [[bank.replies[i] for i in rows[:KEY_FACT_REFERENCES]] for rows in ranked]
+        refs = [[bank.reference(i, raw) for i in rows[:KEY_FACT_REFERENCES]]
+                for rows, raw in zip(ranked, raw_tickets)]
         prompt_ids = [prompts.render(self.tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
                       for t, r in zip(tickets, refs)]
         t0 = time.perf_counter()
