@@ -98,7 +98,7 @@ def variants_from_diagnostics(train, val, results: dict, weights: Path) -> dict[
     copy = [train[index.nearest(vec, intent, 1)[0]].ideal_reply for vec, intent in zip(vectors, ft_intents)]
     replies = [tt[i]["prediction"] for i in ids]
     out = {"finetune-copy": results_file(ids, ft_intents, copy, wall)}
-    for expert in ("encoder", "proto", "lm"):  # the LM's only where it scored labels (weight > 0)
+    for expert in ("encoder", "proto", "logreg", "lm"):  # the LM's only where it scored labels (weight > 0)
         key = f"{expert}_logp"
         if all(key in by_id[i] for i in ids):
             alone = [max(by_id[i][key], key=lambda lab, s=by_id[i][key]: -1e18 if s[lab] is None else s[lab])

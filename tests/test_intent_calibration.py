@@ -83,3 +83,18 @@ def test_without_evidence_the_prior_stands():
     equal = {"proto": 1.0, "encoder": 1.0}
     assert choose_weights(experts, gold, prior=equal) == equal          # two rows: the encoder's edge is chance
     assert choose_weights(experts, gold) == {"proto": 1.0, "encoder": 0.0}
+
+
+def test_without_replies_the_prior_is_the_encoder_and_the_linear_head():
+    """An intent benchmark (no replies): the prototypes start at weight 0 and need evidence to get any
+    (here one row for them, one against: chance)."""
+    from tickettune.pipeline.intent import prior_weights
+
+    gold = np.array([1, 0])
+    experts = {"proto": np.log([[0.1, 0.9], [0.45, 0.55]]), "logreg": np.log([[0.45, 0.55], [0.55, 0.45]]),
+               "encoder": np.log([[0.4, 0.6], [0.6, 0.4]])}
+    prior = prior_weights(list(experts), replies_said=False)
+    assert prior == {"encoder": 1.0, "logreg": 1.0}
+    assert choose_weights(experts, gold, prior=prior) == {"proto": 0.0, "logreg": 1.0, "encoder": 1.0}
+    assert choose_weights(experts, gold, prior=prior_weights(list(experts), True)) == {
+        "proto": 1.0, "logreg": 0.0, "encoder": 0.0}

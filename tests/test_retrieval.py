@@ -53,3 +53,28 @@ def test_single_intent_gives_probability_one():
 def test_log_softmax_handles_minus_infinity(x):
     out = log_softmax(x)
     assert np.isfinite(out[0, 0]) and np.isclose(np.exp(out).sum(), 1.0)
+
+
+def test_the_linear_head_separates_what_the_prototypes_blur():
+    """Two intents that differ in one small dimension, while a large shared one varies within each:
+    the prototypes' cosine follows the large dimension, the linear head the one that separates."""
+    rng = np.random.default_rng(0)
+    rows, labels = [], []
+    for i in range(40):
+        label = i % 2
+        big = rng.uniform(-1, 1)
+        rows.append(unit(big, 0.15 if label else -0.15, 1.0))
+        labels.append("ab"[label])
+    examples = [Example(f"e{i}", f"t{i}", lab, "") for i, lab in enumerate(labels)]
+    vectors = np.stack(rows)
+    index = RetrievalIndex.fit(examples, vectors, np.zeros_like(vectors))
+    queries = np.stack([unit(0.9, -0.15, 1.0), unit(-0.9, 0.15, 1.0), unit(0.9, 0.15, 1.0), unit(-0.9, -0.15, 1.0)])
+    logp = index.linear_logprobs(queries)
+    assert logp.shape == (4, 2) and np.allclose(np.exp(logp).sum(1), 1.0)
+    assert logp.argmax(1).tolist() == [0, 1, 1, 0]
+    assert index.without({0, 1}).linear_head[0].shape == (2, 3)   # refitted on the rows it keeps
+
+
+def test_the_linear_head_with_one_intent_is_certain():
+    index = RetrievalIndex.fit(EXAMPLES[1:3], TICKETS[1:3], REPLIES[1:3])
+    assert np.allclose(index.linear_logprobs(TICKETS[:2]), 0.0)

@@ -32,7 +32,7 @@ import numpy as np
 
 from tickettune.pipeline.augment import noisy_copies
 from tickettune.pipeline.config import EncoderConfig
-from tickettune.pipeline.retrieval import log_softmax
+from tickettune.pipeline.retrieval import fit_linear_head, log_softmax
 
 log = logging.getLogger(__name__)
 ENCODER_DIR = "encoder"          # in the weights folder: the LoRA adapter and head.safetensors
@@ -153,7 +153,7 @@ class IntentEncoder:
 
     def refit_head(self, texts: list[str], y: np.ndarray, cfg: EncoderConfig) -> None:
         """Fit the logistic-regression head on `texts` (the encoder unchanged)."""
-        self.coef, self.intercept = _fit_head(self.embed(texts), y, len(self.labels), cfg.head_C)
+        self.coef, self.intercept = fit_linear_head(self.embed(texts), y, len(self.labels), cfg.head_C)
 
     @classmethod
     def fit(cls, texts: list[str], y: np.ndarray, labels: list[str], cfg: EncoderConfig, seed: int,
@@ -239,23 +239,6 @@ class IntentEncoder:
 def _mean_pool(hidden, mask):
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def _fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression (C, D), (C,); one class: a constant head."""
-    present = np.unique(y)
-    if len(present) < 2:
-        coef, intercept = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -1e3)
-        intercept[present] = 0.0
-        return coef, intercept
-    from sklearn.linear_model import LogisticRegression
-
-    head = LogisticRegression(C=c, max_iter=5000).fit(x, y)
-    coef, intercept = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -1e3)  # unseen intents: ~never
-    coef[head.classes_] = head.coef_ if len(head.classes_) > 2 else np.vstack([-head.coef_[0], head.coef_[0]]) / 2
-    intercept[head.classes_] = head.intercept_ if len(head.classes_) > 2 else np.array(
-        [-head.intercept_[0], head.intercept_[0]]) / 2
-    return coef, intercept
 
 
 def load_base_encoder():

@@ -235,18 +235,22 @@ def _seconds(work) -> float:
 
 def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str, float]:
     """The intent ensemble's weights, chosen on the held-out rows (and noisy copies of them), which
-    the encoder, its head and the intent adapter never saw; the prototypes are refitted without them.
-    They move away from `intent.prior_weights` (the prototypes alone when the desk's replies are there,
-    else the embedding experts equally) only on evidence beyond chance (`intent.choose_weights`). Without
-    held-out rows there is nothing to measure: the embedding experts count equally and the LM (whose
-    worth is unknown) not at all; `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
+    the encoder, its head and the intent adapter never saw; the frozen experts are refitted without
+    them. They move away from `intent.prior_weights` (the prototypes alone when the desk's replies
+    are there, else the encoder and the frozen linear head equally) only on evidence beyond chance
+    (`intent.choose_weights`). Without held-out rows there is nothing to measure: the prior stands
+    and the LM, whose worth is unknown, gets no weight. `infer.calibrate_lm_weight` false fixes the
+    LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
+    replies_said = any(e.ideal_reply.strip() for e in index.examples)
     if not held or len(index.labels) < 2:
-        return {"proto": 1.0, **({"encoder": 1.0} if model.encoder is not None else {}),
-                "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
+        available = ["proto", "logreg"] + (["encoder"] if model.encoder is not None else [])
+        return intent.prior_weights(available, replies_said) | {
+            "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold, rows = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
-    experts = {"proto": index.without(held).intent_logprobs(embed(texts))}
+    rest, vectors = index.without(held), embed(texts)
+    experts = {"proto": rest.intent_logprobs(vectors), "logreg": rest.linear_logprobs(vectors)}
     if model.encoder is not None:
         experts["encoder"] = model.encoder.logprobs(texts)
     if lm_trained and fixed_lm is None:
@@ -254,7 +258,7 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    prior = intent.prior_weights(list(experts), any(e.ideal_reply.strip() for e in index.examples))
+    prior = intent.prior_weights(list(experts), replies_said)
     weights = intent.choose_weights(experts, gold, rows=rows, prior=prior)
     if fixed_lm is not None:
         weights["lm"] = fixed_lm if lm_trained else 0.0

@@ -1,6 +1,6 @@
 """Intent prediction: an ensemble of experts, each giving log P(intent | ticket) over the train
-intents — the fine-tuned intent encoder (`encoder`), the frozen prototype classifier (`retrieval`)
-and the label log-likelihoods of the LoRA-tuned LM (below) — weighted from a prior (`prior_weights`)
+intents — the fine-tuned intent encoder (`encoder`), the frozen prototype classifier and the frozen
+linear head (`retrieval`), and the label log-likelihoods of the LoRA-tuned LM (below) — weighted from a prior (`prior_weights`)
 that the held-out rows may change only beyond chance (`choose_weights`). The answer is always one of the
 train intents.
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 LM_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 PROTO_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
-ENCODER_WEIGHTS = PROTO_WEIGHTS
+ENCODER_WEIGHTS = LOGREG_WEIGHTS = PROTO_WEIGHTS
+EMBEDDING_EXPERTS = ("encoder", "proto", "logreg")
 TOP_K = 8          # labels the LM scores per ticket: the other experts' best candidates
 NOT_SCORED = -1e9  # stands for log 0 in a weighted sum (0 * -inf would be NaN)
 
@@ -61,7 +62,7 @@ def candidates(experts: dict[str, np.ndarray], weights: dict[str, float], k: int
 
 
 def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray,
-                   anchors: tuple[str, ...] = ("encoder", "proto"), rows: np.ndarray | None = None,
+                   anchors: tuple[str, ...] = EMBEDDING_EXPERTS, rows: np.ndarray | None = None,
                    level: float = 0.05, prior: dict[str, float] | None = None) -> dict[str, float]:
     """The ensemble's weights, chosen on the held-out rows by the log-likelihood of their true
     intents. Experts: name -> (Q, C) log-probabilities; `rows`: each query's held-out row, so that a
@@ -111,14 +112,17 @@ def prior_weights(experts: list[str], replies_said: bool) -> dict[str, float]:
     desk's replies the prototypes (ticket *and* reply embeddings of each intent) alone: the
     strongest single expert on every support set measured (README), and untrained. Without replies
     (intent benchmarks) a prototype is only the mean of a few tickets, the weakest expert measured;
-    then the embedding experts count equally.
+    then the fine-tuned encoder and the frozen linear head count equally (the best pair on Banking77,
+    where it was chosen; README).
 
-    >>> prior_weights(["proto", "encoder", "lm"], True), prior_weights(["proto", "encoder", "lm"], False)
-    ({'proto': 1.0}, {'proto': 1.0, 'encoder': 1.0})
+    >>> prior_weights(["proto", "logreg", "encoder", "lm"], True)
+    {'proto': 1.0}
+    >>> prior_weights(["proto", "logreg", "encoder", "lm"], False), prior_weights(["proto", "logreg"], False)
+    ({'encoder': 1.0, 'logreg': 1.0}, {'logreg': 1.0})
     """
-    if replies_said or "encoder" not in experts:
+    if replies_said or "logreg" not in experts:
         return {"proto": 1.0}
-    return {"proto": 1.0, "encoder": 1.0}
+    return {"encoder": 1.0, "logreg": 1.0} if "encoder" in experts else {"logreg": 1.0}
 
 
 def significant_gain(gains: np.ndarray, level: float = 0.05) -> bool:
@@ -140,7 +144,7 @@ def significant_gain(gains: np.ndarray, level: float = 0.05) -> bool:
 
 def _best_weights(experts: dict[str, np.ndarray], gold: np.ndarray, anchors: tuple[str, ...],
                   lm_grid: tuple[float, ...]) -> dict[str, float]:
-    grids = {"proto": PROTO_WEIGHTS, "encoder": ENCODER_WEIGHTS, "lm": lm_grid}
+    grids = {"proto": PROTO_WEIGHTS, "encoder": ENCODER_WEIGHTS, "logreg": LOGREG_WEIGHTS, "lm": lm_grid}
     best, best_score = None, -np.inf
     for anchor in (a for a in anchors if a in experts):
         free = [n for n in experts if n != anchor]

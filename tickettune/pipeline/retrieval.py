@@ -15,6 +15,7 @@ milliseconds with hand-made vectors. Does not embed text itself and does not tou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from tickettune.pipeline.data import Example
 
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 DEFAULT_TEMPERATURE = 0.05
+LINEAR_C = 10.0   # inverse L2 strength of the frozen linear head
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -40,6 +42,31 @@ def prototypes(tickets: np.ndarray, replies: np.ndarray, intent_idx: np.ndarray,
     sums = np.zeros((n_classes, tickets.shape[1]), dtype=np.float64)
     np.add.at(sums, intent_idx, tickets.astype(np.float64) + replies)
     return _normalise(sums)
+
+
+def fit_linear_head(x: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on rows `x` with labels `y`: coefficients (C, D) and
+    intercepts (C,). Classes without rows are all but impossible; with one class present the head
+    is constant.
+
+    >>> coef, intercept = fit_linear_head(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 2]), 3, 10.0)
+    >>> (np.array([[0.9, 0.1]]) @ coef.T + intercept).argmax(1).tolist(), bool(intercept[1] < -100)
+    ([0], True)
+    """
+    present = np.unique(y)
+    coef, intercept = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -1e3)
+    if len(present) < 2:
+        intercept[present] = 0.0
+        return coef, intercept
+    from sklearn.linear_model import LogisticRegression
+
+    head = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+    if len(head.classes_) > 2:
+        coef[head.classes_], intercept[head.classes_] = head.coef_, head.intercept_
+    else:  # sklearn's binary form: one row for class 1 against class 0
+        coef[head.classes_] = np.vstack([-head.coef_[0], head.coef_[0]]) / 2
+        intercept[head.classes_] = np.array([-head.intercept_[0], head.intercept_[0]]) / 2
+    return coef, intercept
 
 
 def fit_temperature(tickets: np.ndarray, replies: np.ndarray, intent_idx: np.ndarray, n_classes: int) -> float:
@@ -88,6 +115,17 @@ class RetrievalIndex:
     def intent_logprobs(self, queries: np.ndarray) -> np.ndarray:
         """Calibrated log P(intent | ticket) from embeddings. (Q, D) -> (Q, C)."""
         return log_softmax((queries @ self.protos.T) / self.temperature)
+
+    @cached_property
+    def linear_head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The frozen linear head (see module), fitted on first use: (C, D), (C,)."""
+        idx = np.array([self.labels.index(e.intent) for e in self.examples], dtype=np.int64)
+        return fit_linear_head(self.vectors.astype(np.float64), idx, len(self.labels), LINEAR_C)
+
+    def linear_logprobs(self, queries: np.ndarray) -> np.ndarray:
+        """log P(intent | ticket) under the frozen linear head. (Q, D) -> (Q, C)."""
+        coef, intercept = self.linear_head
+        return log_softmax(queries.astype(np.float64) @ coef.T + intercept)
 
     def nearest(self, query: np.ndarray, intent: str | None = None, k: int = 1,
                 exclude: int | None = None) -> list[int]:

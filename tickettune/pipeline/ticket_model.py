@@ -138,7 +138,7 @@ class TicketModel:
         from tickettune.pipeline.intent import candidates, combine, ensemble, score_labels
 
         cfg, labels = self.config.infer, self.labels
-        experts = {"proto": self.index.intent_logprobs(vectors)}
+        experts = {"proto": self.index.intent_logprobs(vectors), "logreg": self.index.linear_logprobs(vectors)}
         if self.encoder is not None:
             experts["encoder"] = self.encoder.logprobs(raw)
         if self.weights.get("lm", 0.0) > 0 and len(labels) > 1:
