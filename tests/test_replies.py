@@ -48,12 +48,18 @@ def test_ranking_keeps_to_the_intent_and_follows_the_sub_case(bank):
 
 
 def test_composition_borrows_only_sentences_with_new_facts_most_relevant_first(bank):
-    v = fake_embed(["downgrade"])[0]
+    v = fake_embed(["downgrade or upgrade"])[0]
     assert bank.compose(v, [1, 0], 0) == REPLIES[1]
     one = bank.compose(v, [1, 0], 1)
     assert one.startswith(REPLIES[1]) and one.count("Settings → Billing → Plan") == 1  # the sentence with facts
     assert bank.compose(v, [1, 0], 5) == one  # the other sentence of reply 0 states no new fact
     assert bank.compose(v, [], 2) == ""
+
+
+def test_composition_does_not_borrow_a_sibling_cases_sentence(bank):
+    """Asked only about downgrading, the upgrade sentence (new facts, but further from the ticket than
+    the downgrade reply by more than the gate allows) is not added."""
+    assert bank.compose(fake_embed(["downgrade"])[0], [1, 0], 5) == REPLIES[1]
 
 
 def test_every_composed_sentence_comes_from_a_retrieved_reply(bank):

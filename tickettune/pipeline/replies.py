@@ -8,8 +8,11 @@ finds the reply that covers the ticket's sub-case, the word term the plan name, 
 rows, and are reported untouched on data/northstar-alt and the Bitext sample (bench/quality.py).
 
 Composition (`compose`): the best-ranked reply, plus up to `k` sentences of the next two replies
-that state a fact (`grounding.facts`) it does not, most ticket-relevant first. Every sentence is
-the company's own, so a composed reply never states a fact no retrieved reply supports.
+that state a fact (`grounding.facts`) it does not, most ticket-relevant first, and only sentences
+about as relevant to the ticket as the reply they join (cosine to the ticket at least
+`RELEVANCE_GATE` times the reply's): a sentence further from the ticket than that answers a sibling
+case ("you can also set an expiry date" under "how many free guests?"). Every sentence is the
+company's own, so a composed reply never states a fact no retrieved reply supports.
 
 A train reply that repeats an identifier of its own ticket (an order or account number: five
 digits or more, `identifiers`) is talking to that customer; borrowed for a new ticket it would
@@ -41,6 +44,7 @@ from tickettune.pipeline.grounding import facts, split_sentences
 RANK_WEIGHTS = (1.0, 2.0, 0.5)   # ticket cosine, reply cosine, content-word overlap (chosen on data/northstar)
 EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
 COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
+RELEVANCE_GATE = 0.9             # a lent sentence's cosine to the ticket, relative to the reply's (chosen on data/northstar)
 LOO_ROWS = 300                   # train rows the leave-one-out choice of k looks at, at most
 _WORD = re.compile(r"[a-z0-9$€£%]+")
 _IDENTIFIER = re.compile(r"(?<![\w.,])\d{5,}(?![\w]|[.,]\d)")  # five digits or more, not part of a price
@@ -135,20 +139,22 @@ class ReplyBank:
 
     def compose(self, vector: np.ndarray, rows: list[int], k: int, ticket: str = "") -> str:
         """The first reply of `rows` (of the first 1 + COMPOSE_FROM) that `personalise` can fit to
-        `ticket`, else `rows[0]`'s, plus up to `k` sentences of the next replies that add a fact to it,
-        most similar to the ticket first (ties: reply order). '' when `rows` is empty."""
+        `ticket`, else `rows[0]`'s, plus up to `k` sentences of the next replies that add a fact to it
+        and pass the relevance gate (module docstring), most similar to the ticket first (ties: reply
+        order). '' when `rows` is empty."""
         if not rows:
             return ""
         first = next((i for i in rows[:1 + COMPOSE_FROM] if self.personalise(i, ticket) is not None), rows[0])
         best = self.reference(first, ticket)
         if k <= 0:
             return best
-        have = facts(best)
+        have, bar = facts(best), RELEVANCE_GATE * float(self.reply_vectors[first] @ vector)
         lenders = [i for i in rows[:2 + COMPOSE_FROM] if i != first][:COMPOSE_FROM]
         self.prepare([[first] + lenders])
         pool = [(float(v @ vector), n, text) for n, i in enumerate(lenders)
                 for s, v in zip(self.sentences[i], self._sentence_vectors[i])
-                if (text := self.personalise(i, ticket, s)) is not None and facts(text) - have and text not in best]
+                if float(v @ vector) >= bar and (text := self.personalise(i, ticket, s)) is not None
+                and facts(text) - have and text not in best]
         pool.sort(key=lambda p: (-round(p[0], 6), p[1]))
         added: list[str] = []
         for _, _, sentence in pool:
