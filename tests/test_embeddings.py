@@ -73,3 +73,12 @@ def test_a_bundled_embedder_that_does_not_load_falls_back(no_bundled_embedder, m
     monkeypatch.setattr(embeddings, "bundled_embedder_path", lambda: tmp_path)  # an empty folder
     assert embeddings.embed(["x", "y"]).shape == (2, 4096)
     assert embeddings.load_embedder().name == embeddings.HASHED and "does not load" in caplog.text
+
+
+def test_a_callers_autocast_does_not_change_the_embeddings():
+    """Composition embeds sentences while the LM's bf16 autocast is on: they must embed as elsewhere."""
+    torch = pytest.importorskip("torch")
+    texts = ["Where is my invoice?", "Downgrades take effect at the end of the billing period."]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = embeddings.embed(texts)
+    assert np.array_equal(inside, embeddings.embed(texts))

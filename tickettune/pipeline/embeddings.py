@@ -108,10 +108,23 @@ def _sentence_transformer(name: str, device: str, local: bool):
 
 def embed(texts: list[str], device: str = "cpu") -> np.ndarray:
     """L2-normalised embeddings, shape (N, D) (D = 384 for MiniLM), float32; cosine similarity is a
-    dot product."""
+    dot product. Always in the encoder's own precision: a caller's autocast (the LM's bf16) does not
+    reach it, so a text embeds the same wherever in the run it is embedded."""
     model = load_embedder(device).model
-    if not texts:
-        return np.zeros((0, model.encode(["x"], normalize_embeddings=True).shape[1]), dtype=np.float32)
-    vectors = model.encode(list(texts), batch_size=32, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
+    with _own_precision(device):
+        if not texts:
+            return np.zeros((0, model.encode(["x"], normalize_embeddings=True).shape[1]), dtype=np.float32)
+        vectors = model.encode(list(texts), batch_size=32, normalize_embeddings=True,
+                               convert_to_numpy=True, show_progress_bar=False)
     return np.asarray(vectors, dtype=np.float32)
+
+
+def _own_precision(device: str):
+    """A context that switches autocast off on `device` (nothing to switch without torch)."""
+    import contextlib
+
+    try:
+        import torch
+    except ImportError:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], enabled=False)
