@@ -70,8 +70,8 @@ def choose_weights(experts: dict[str, np.ndarray], gold: np.ndarray,
 
     The weights move away from a `prior` only on evidence (default: the frozen prototypes alone,
     the expert that learns nothing from the train rows but their mean; `prior_weights`):
-    1. the best weights of the embedding experts (one anchors the scale at 1, the other from its
-       grid, 0 included; each of `anchors` takes that role in turn; ties keep the earlier anchor and
+    1. the best weights of the embedding experts (one anchors the scale at 1, the others from their
+       grids, 0 included; each of `anchors` takes that role in turn; ties keep the earlier anchor and
        the smaller weights) replace the prior only when they beat it beyond chance;
     2. the LM, the slowest expert and on a small model the least reliable, gets a weight only when
        the best weights with it beat step 1's beyond chance.
