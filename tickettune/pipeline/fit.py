@@ -236,23 +236,24 @@ def _seconds(work) -> float:
 def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str, float]:
     """The intent ensemble's weights, chosen on the held-out rows (and noisy copies of them), which
     the encoder, its head and the intent adapter never saw; the frozen experts are refitted without
-    them. They move away from `intent.prior_weights` (the prototypes alone when the desk's replies
-    are there, else the encoder and the frozen linear head equally) only on evidence beyond chance
-    (`intent.choose_weights`). Without held-out rows there is nothing to measure: the prior stands
+    them. The experts are `intent.weighed_experts` (the prototypes only when the desk's replies are
+    there) and the LM; the weights move away from `intent.prior_weights` (the prototypes alone when
+    the desk's replies are there, else the encoder and the frozen linear head equally) only on
+    evidence beyond chance (`intent.choose_weights`). Without held-out rows there is nothing to measure: the prior stands
     and the LM, whose worth is unknown, gets no weight. `infer.calibrate_lm_weight` false fixes the
     LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     replies_said = any(e.ideal_reply.strip() for e in index.examples)
+    names = intent.weighed_experts(replies_said, model.encoder is not None)
     if not held or len(index.labels) < 2:
-        available = ["proto", "logreg"] + (["encoder"] if model.encoder is not None else [])
-        return intent.prior_weights(available, replies_said) | {
+        return intent.prior_weights(names, replies_said) | {
             "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold, rows = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
     rest, vectors = index.without(held), embed(texts)
-    experts = {"proto": rest.intent_logprobs(vectors), "logreg": rest.linear_logprobs(vectors)}
-    if model.encoder is not None:
-        experts["encoder"] = model.encoder.logprobs(texts)
+    scorers = {"proto": lambda: rest.intent_logprobs(vectors), "logreg": lambda: rest.linear_logprobs(vectors),
+               "encoder": lambda: model.encoder.logprobs(texts)}
+    experts = {n: scorers[n]() for n in names}
     if lm_trained and fixed_lm is None:
         only = intent.candidates(experts, {n: 1.0 for n in experts})
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):

@@ -44,7 +44,7 @@ from tickettune.pipeline.grounding import facts, split_sentences
 RANK_WEIGHTS = (1.0, 2.0, 0.5)   # ticket cosine, reply cosine, content-word overlap (chosen on data/northstar)
 EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
 COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
-RELEVANCE_GATE = 0.9             # a lent sentence's cosine to the ticket, relative to the reply's (chosen on data/northstar)
+RELEVANCE_GATE = 0.9             # a lent sentence's cosine to the ticket / the reply's (chosen on data/northstar)
 LOO_ROWS = 300                   # train rows the leave-one-out choice of k looks at, at most
 _WORD = re.compile(r"[a-z0-9$€£%]+")
 _IDENTIFIER = re.compile(r"(?<![\w.,])\d{5,}(?![\w]|[.,]\d)")  # five digits or more, not part of a price
