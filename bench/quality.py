@@ -13,7 +13,8 @@ Rows of the table:
   knn-copy         all-MiniLM-L6-v2 nearest train ticket: its intent, its reply copied
   finetune-copy    tickettune's intent, reply = nearest train reply of that intent copied
   tickettune       the default run.py (intent ensemble, grounded generated reply)
-  intent: X only   each expert of tickettune's intent ensemble alone (encoder, frozen prototypes, LM),
+  intent: X only   each expert of tickettune's intent ensemble alone (encoder, frozen prototypes, frozen
+                   linear head, LM),
                    from its diagnostics; the LM's only where the run scored labels (weight > 0)
 Replies are judged offline (MiniLM cosine to the ideal reply, the proxy judge), so it needs no key.
 Wall-clock is the whole run.py process; peak RSS is the child process's maximum resident set.
