@@ -23,7 +23,8 @@ def test_quality_bench_prints_the_comparison_table(tmp_path):
     assert list(tables) == ["northstar"]
     table = tables["northstar"]
     assert [a for a in table if a != "intent: lm only"] == ["knn-copy", "finetune-copy", "intent: encoder only",
-                                                            "intent: proto only", "tickettune"]
+                                                            "intent: proto only", "intent: logreg only",
+                                                            "tickettune"]
     for row in table.values():
         assert 0.0 <= row["intent"] <= 1.0 and 0.0 <= row["composite"] <= 1.0
     assert "| northstar | tickettune |" in proc.stdout and "reply gain over copying" in proc.stdout
