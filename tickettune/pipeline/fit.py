@@ -239,9 +239,9 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
     them. The experts are `intent.weighed_experts` (the prototypes only when the desk's replies are
     there) and the LM; the weights move away from `intent.prior_weights` (the prototypes alone when
     the desk's replies are there, else the encoder and the frozen linear head equally) only on
-    evidence beyond chance (`intent.choose_weights`). Without held-out rows there is nothing to measure: the prior stands
-    and the LM, whose worth is unknown, gets no weight. `infer.calibrate_lm_weight` false fixes the
-    LM's weight at `infer.lm_weight`."""
+    evidence beyond chance (`intent.choose_weights`). Without held-out rows there is nothing to
+    measure: the prior stands and the LM, whose worth is unknown, gets no weight.
+    `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     replies_said = any(e.ideal_reply.strip() for e in index.examples)

@@ -119,7 +119,8 @@ def weighed_experts(replies_said: bool, encoder: bool) -> list[str]:
     >>> weighed_experts(True, True), weighed_experts(False, True), weighed_experts(False, False)
     (['proto', 'logreg', 'encoder'], ['logreg', 'encoder'], ['logreg'])
     """
-    return [n for n in ("proto", "logreg", "encoder") if (n != "encoder" or encoder) and (n != "proto" or replies_said)]
+    return [n for n in ("proto", "logreg", "encoder")
+            if (n != "encoder" or encoder) and (n != "proto" or replies_said)]
 
 
 def prior_weights(experts: list[str], replies_said: bool) -> dict[str, float]:

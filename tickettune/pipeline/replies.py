@@ -144,8 +144,8 @@ class ReplyBank:
         order). '' when `rows` is empty."""
         if not rows:
             return ""
-        first = next((i for i in rows[:1 + COMPOSE_FROM] if self.personalise(i, ticket) is not None), rows[0])
-        best = self.reference(first, ticket)
+        first, best = next(((i, text) for i in rows[:1 + COMPOSE_FROM]
+                            if (text := self.personalise(i, ticket)) is not None), (rows[0], self.replies[rows[0]]))
         if k <= 0:
             return best
         have, bar = facts(best), RELEVANCE_GATE * float(self.reply_vectors[first] @ vector)
