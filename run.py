@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from tickettune.pipeline.ticket_model import retrieval_only, write_training
 
     with clock.stage("embed"):
-        index = embed_train_rows(job.train_rows)
+        index = embed_train_rows(job.train_rows, job.cfg.encoder.label_names)
     model, predictions, problems = None, None, []  # problems: outputs lost, other than the results file
     try:
         model = train_and_save(job, clock, index, problems)
@@ -129,13 +129,13 @@ def prepare(args: argparse.Namespace, clock) -> Job:
     return Job(train_rows, val_rows, Path(args.weights), Path(args.output), hardware, override, plan, cfg, overrides)
 
 
-def embed_train_rows(train_rows: list[data.Example]):
-    """The retrieval index: train tickets and replies embedded, the embedding intent classifier fitted."""
+def embed_train_rows(train_rows: list[data.Example], label_names: bool):
+    """The retrieval index: train tickets, replies (and intent names) embedded, the embedding intent
+    classifiers fitted."""
     from tickettune.pipeline.embeddings import embed
     from tickettune.pipeline.retrieval import RetrievalIndex
 
-    return RetrievalIndex.fit(train_rows, embed([r.ticket for r in train_rows]),
-                              embed([r.ideal_reply for r in train_rows]))
+    return RetrievalIndex.build(train_rows, embed, label_names)
 
 
 class NamedModelError(RuntimeError):

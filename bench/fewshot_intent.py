@@ -106,7 +106,7 @@ def tickettune_method(train: list[tuple[str, str]], test: list[str], base, token
     examples = [Example(f"t{i}", text, category, "") for i, (text, category) in enumerate(train)]
     cfg = RunConfig.for_plan(plan.device, {"seed": seed, "budget_s": budget_s, "train": {"reply_epochs": 0},
                                            "infer": {"reply_source": "retrieve"}})
-    index = RetrievalIndex.fit(examples, embed([e.ticket for e in examples]), embed([""] * len(examples)))
+    index = RetrievalIndex.build(examples, embed, cfg.encoder.label_names)
     model = fit(copy.deepcopy(base), tokenizer, plan, cfg, index, val_rows=len(test),
                 deadline=start + budget_s)
     predictions, _ = model.predict([Ticket(f"q{i}", text) for i, text in enumerate(test)])

@@ -78,3 +78,32 @@ def test_the_linear_head_separates_what_the_prototypes_blur():
 def test_the_linear_head_with_one_intent_is_certain():
     index = RetrievalIndex.fit(EXAMPLES[1:3], TICKETS[1:3], REPLIES[1:3])
     assert np.allclose(index.linear_logprobs(TICKETS[:2]), 0.0)
+
+
+def test_an_intents_name_is_a_row_of_the_linear_head_and_survives_refitting():
+    """One ticket per intent cannot place a paraphrase that is far from both; the intent's name,
+    embedded, is one more row that can ("card arrival" for "where is my card?")."""
+    examples = [Example("e0", "t0", "a", ""), Example("e1", "t1", "b", ""), Example("e2", "t2", "b", "")]
+    vectors = np.stack([unit(1, 0, 0), unit(0, 1, 0), unit(0, 1, 0.2)])
+    names = {"a": unit(0, 0.2, 1), "b": unit(0, 1, 0.1)}
+    query = np.stack([unit(0, 0.3, 1)])
+    plain = RetrievalIndex.fit(examples, vectors, np.zeros_like(vectors))
+    named = RetrievalIndex.fit(examples, vectors, np.zeros_like(vectors), names)
+    assert plain.linear_logprobs(query).argmax(1).tolist() == [1]
+    assert named.linear_logprobs(query).argmax(1).tolist() == [0]
+    assert named.without({2}).names is names and named.without({2}).linear_logprobs(query).argmax(1).tolist() == [0]
+    assert np.array_equal(named.protos, plain.protos)       # the prototypes stay the rows' own
+
+
+def test_build_embeds_tickets_replies_and_intent_names_as_words():
+    seen = []
+
+    def embed(texts):
+        seen.append(list(texts))
+        return np.stack([unit(1 + len(t), 1, 0) for t in texts])
+
+    examples = [Example("e0", "where is my card", "card_arrival", "It ships in 3 days."),
+                Example("e1", "top up failed", "topUpFailed", "Try again.")]
+    index = RetrievalIndex.build(examples, embed)
+    assert ["card arrival", "top up failed"] in seen and sorted(index.names) == ["card_arrival", "topUpFailed"]
+    assert RetrievalIndex.build(examples, embed, label_names=False).names is None

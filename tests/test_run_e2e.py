@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, SAMPLE, write_jsonl
@@ -121,6 +122,13 @@ def test_a_loaded_model_predicts_twice_alike_with_the_gpu_settings(two_runs):
     (_, _, weights), _, _, _ = two_runs
     model = TicketModel.load(weights, device="cpu")
     assert model.training is not None and model.training.steps == 4
+    from tickettune.pipeline.embeddings import embed
+    from tickettune.pipeline.retrieval import label_words
+
+    labels = list(model.index.labels)  # the linear head's intent-name rows come back as they were embedded
+    assert sorted(model.index.names) == labels
+    assert np.allclose(np.stack([model.index.names[lab] for lab in labels]), embed([label_words(x) for x in labels]),
+                       atol=1e-5)
     model.config = replace(model.config, infer=replace(model.config.infer, merge_adapter=True))
     tickets = load_val(weights.parents[1] / "val.jsonl")
     first, _ = model.predict(tickets)

@@ -60,6 +60,7 @@ class EncoderConfig:
     head_C: float = 10.0            # inverse L2 strength of the logistic-regression head
     max_length: int = 128           # tokens of a ticket the encoder reads
     bf16: bool = True               # bf16 autocast for training where the CPU has bf16
+    fit_schedule: bool = True       # under a deadline, end the learning-rate decay where the time ends
     time_share: float = 0.25        # of the time left, at most, when the run has a deadline
     time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (fit.encoder_deadline)
 

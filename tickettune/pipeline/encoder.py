@@ -10,7 +10,10 @@ name as words ("billing.seat_question" -> "billing seat question"): the label sa
 about, which helps most when an intent has few rows. The head is fitted on the same texts.
 Steps: `epochs` passes over the texts, at least `min_steps`, at most `max_steps` (bounded cost at
 any size). The recipe and its numbers were chosen by cross-validation inside Banking77's few-shot
-rows (bench/fewshot_intent.py, README), not on the Northstar samples.
+rows (bench/fewshot_intent.py, README), not on the Northstar samples. Under a deadline that cuts the
+planned steps short (many rows, a short budget) the learning-rate decay is fitted to the time left
+(`DeadlineSchedule`): on a Banking77 dev split at 10 shots and 165 s, 0.845 -> 0.851 for the
+encoder alone (seeds 0-2; the test set untouched).
 
 Only the LoRA weights (a few MB) and the head are saved (`ENCODER_DIR` in the weights folder); the
 base encoder comes from the bundled package again at load. Deterministic given the seed.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,22 +34,12 @@ import numpy as np
 
 from tickettune.pipeline.augment import noisy_copies
 from tickettune.pipeline.config import EncoderConfig
-from tickettune.pipeline.retrieval import fit_linear_head, log_softmax
+from tickettune.pipeline.retrieval import fit_linear_head, label_words, log_softmax
 
 log = logging.getLogger(__name__)
 ENCODER_DIR = "encoder"          # in the weights folder: the LoRA adapter and head.safetensors
 HEAD_FILE = "head.safetensors"
 LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
-
-
-def label_words(label: str) -> str:
-    """An intent's name as words: the text that stands for the label in training.
-
-    >>> label_words("billing.seat_question"), label_words("getRefund")
-    ('billing seat question', 'get refund')
-    """
-    text = re.sub(r"([a-z])([A-Z])", r"\1 \2", label)
-    return re.sub(r"[_\-./:]+", " ", text).strip().lower()
 
 
 def training_texts(tickets: list[str], intents: list[str], labels: list[str], cfg: EncoderConfig,
@@ -102,6 +94,31 @@ def class_balanced_batches(y: np.ndarray, steps: int, batch_size: int, per_class
                 batch.append(queues[c].pop())
         out.append(batch)
     return out
+
+
+class DeadlineSchedule:
+    """The learning-rate factor per step: linear warm-up over the first tenth of the planned steps,
+    then linear decay to 0 at `horizon`. Without a deadline `horizon` is the planned step count; under
+    one, `refit` brings it forward to the step the time left allows (at the mean pace so far), so
+    training that must stop early still ends with the rate decayed instead of cut off at its peak.
+
+    >>> s = DeadlineSchedule(500)
+    >>> s.refit(done=100, elapsed_s=50.0, left_s=100.0); s.horizon, s(299) > 0, s(300)
+    (300, True, 0.0)
+    >>> s.refit(done=100, elapsed_s=50.0, left_s=1e6); s.horizon    # never past the plan
+    500
+    """
+
+    def __init__(self, planned: int):
+        self.planned = self.horizon = planned
+        self.warmup = max(1, planned // 10)
+
+    def __call__(self, step: int) -> float:
+        return min((step + 1) / self.warmup, max(0.0, (self.horizon - step) / max(1, self.horizon - self.warmup)))
+
+    def refit(self, done: int, elapsed_s: float, left_s: float) -> None:
+        if done > 0 and elapsed_s > 0:
+            self.horizon = max(done + 1, min(self.planned, done + int(max(0.0, left_s) * done / elapsed_s)))
 
 
 def supcon_loss(embeddings, y, temperature: float):
@@ -172,16 +189,17 @@ class IntentEncoder:
                                                  target_modules=LORA_TARGETS, bias="none"))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-        steps = max(cfg.min_steps, min(cfg.max_steps, math.ceil(cfg.epochs * len(texts) / cfg.batch_size)))
-        warmup = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        planned = max(cfg.min_steps, min(cfg.max_steps, math.ceil(cfg.epochs * len(texts) / cfg.batch_size)))
+        schedule = DeadlineSchedule(planned)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         ids = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
         labels_t = torch.tensor(y)
         model.train()
         t0, done, losses = time.perf_counter(), 0, []
-        for batch in class_balanced_batches(y, steps, cfg.batch_size, cfg.per_class, random.Random(seed)):
-            if deadline is not None and time.monotonic() > deadline:
+        for batch in class_balanced_batches(y, planned, cfg.batch_size, cfg.per_class, random.Random(seed)):
+            if deadline is not None and cfg.fit_schedule and done >= schedule.warmup and done % 10 == 0:
+                schedule.refit(done, time.perf_counter() - t0, deadline - time.monotonic())
+            if done >= schedule.horizon or (deadline is not None and time.monotonic() > deadline):
                 break
             width = max(len(ids[i]) for i in batch)
             inp = torch.zeros((len(batch), width), dtype=torch.long)
@@ -199,8 +217,8 @@ class IntentEncoder:
             sched.step()
             losses.append(float(loss))
             done += 1
-        if done < steps:
-            log.warning("intent encoder: stopped at step %d/%d to fit the time budget", done, steps)
+        if done < planned:
+            log.warning("intent encoder: stopped at step %d/%d to fit the time budget", done, planned)
         log.info("intent encoder: %d steps on %d texts in %.1f s, loss %.3f -> %.3f", done, len(texts),
                  time.perf_counter() - t0, losses[0] if losses else float("nan"),
                  float(np.mean(losses[-max(1, done // 10):])) if losses else float("nan"))

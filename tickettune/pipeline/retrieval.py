@@ -8,13 +8,22 @@ register of one ticket. (Measured on both sample sets: nearest ticket 0.86/0.80 
 accuracy, ticket+reply prototype 0.97/0.97.) The softmax temperature is chosen by leave-one-out
 log-loss on train, so the scores are calibrated probabilities for the ensemble.
 
+The frozen linear head (`linear_logprobs`) is a multinomial logistic regression (C = `LINEAR_C`) on
+the same ticket embeddings and on each intent's name as words ("card_arrival" -> "card arrival"),
+one more row per intent, as the intent encoder's head has (`encoder.training_texts`). With 5 rows
+per intent the name row is worth having: on a Banking77 dev split (1,500 train rows outside the
+sampled ones; the test set untouched) it lifted the head from 0.794 to 0.815 at 5 shots and from
+0.835 to 0.840 at 10 (mean of seeds 0-2, every seed up).
+
 Pure numpy over precomputed, L2-normalised embeddings (see `embeddings.embed`), so it tests in
-milliseconds with hand-made vectors. Does not embed text itself and does not touch the LLM.
+milliseconds with hand-made vectors. Embeds text only through the function `build` is handed, and
+does not touch the LLM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -24,6 +33,16 @@ from tickettune.pipeline.data import Example
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 DEFAULT_TEMPERATURE = 0.05
 LINEAR_C = 10.0   # inverse L2 strength of the frozen linear head
+
+
+def label_words(label: str) -> str:
+    """An intent's name as words: the text that stands for the label in training.
+
+    >>> label_words("billing.seat_question"), label_words("getRefund")
+    ('billing seat question', 'get refund')
+    """
+    text = re.sub(r"([a-z])([A-Z])", r"\1 \2", label)
+    return re.sub(r"[_\-./:]+", " ", text).strip().lower()
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -97,20 +116,31 @@ class RetrievalIndex:
     labels: tuple[str, ...]    # the taxonomy, sorted
     protos: np.ndarray         # (C, D) intent prototypes
     temperature: float
+    names: dict[str, np.ndarray] | None = field(default=None, compare=False)  # intent -> its name as words, embedded
 
     @classmethod
-    def fit(cls, examples: list[Example], tickets: np.ndarray, replies: np.ndarray) -> "RetrievalIndex":
+    def fit(cls, examples: list[Example], tickets: np.ndarray, replies: np.ndarray,
+            names: dict[str, np.ndarray] | None = None) -> "RetrievalIndex":
         labels = tuple(sorted({e.intent for e in examples}))
         idx = np.array([labels.index(e.intent) for e in examples], dtype=np.int64)
         said = np.array([[bool(e.ideal_reply.strip())] for e in examples])  # an empty reply says nothing
         with_replies = np.where(said, replies, 0.0) if len(examples) else replies
         return cls(tuple(examples), tickets, replies, labels, prototypes(tickets, with_replies, idx, len(labels)),
-                   fit_temperature(tickets, with_replies, idx, len(labels)))
+                   fit_temperature(tickets, with_replies, idx, len(labels)), names)
+
+    @classmethod
+    def build(cls, examples: list[Example], embed, label_names: bool = True) -> "RetrievalIndex":
+        """`fit` on the rows' tickets and replies embedded by `embed` (texts -> (N, D) L2-normalised),
+        and, with `label_names`, each intent's name as words (`label_words`) for the linear head."""
+        labels = sorted({e.intent for e in examples})
+        names = dict(zip(labels, embed([label_words(lab) for lab in labels]))) if label_names and labels else None
+        return cls.fit(examples, embed([e.ticket for e in examples]), embed([e.ideal_reply for e in examples]), names)
 
     def without(self, rows: set[int]) -> "RetrievalIndex":
         """The index refitted without `rows` (prototypes and temperature too): for calibrating on them."""
         keep = [i for i in range(len(self.examples)) if i not in rows]
-        return RetrievalIndex.fit([self.examples[i] for i in keep], self.vectors[keep], self.replies[keep])
+        return RetrievalIndex.fit([self.examples[i] for i in keep], self.vectors[keep], self.replies[keep],
+                                  self.names)
 
     def intent_logprobs(self, queries: np.ndarray) -> np.ndarray:
         """Calibrated log P(intent | ticket) from embeddings. (Q, D) -> (Q, C)."""
@@ -118,9 +148,14 @@ class RetrievalIndex:
 
     @cached_property
     def linear_head(self) -> tuple[np.ndarray, np.ndarray]:
-        """The frozen linear head (see module), fitted on first use: (C, D), (C,)."""
+        """The frozen linear head (see module), fitted on first use: (C, D), (C,). Its rows are the
+        train tickets and, when the index has them, each intent's name as words (one row per intent)."""
         idx = np.array([self.labels.index(e.intent) for e in self.examples], dtype=np.int64)
-        return fit_linear_head(self.vectors.astype(np.float64), idx, len(self.labels), LINEAR_C)
+        x = self.vectors.astype(np.float64)
+        if self.names:
+            x = np.vstack([x, np.stack([self.names[lab] for lab in self.labels]).astype(np.float64)])
+            idx = np.concatenate([idx, np.arange(len(self.labels))])
+        return fit_linear_head(x, idx, len(self.labels), LINEAR_C)
 
     def linear_logprobs(self, queries: np.ndarray) -> np.ndarray:
         """log P(intent | ticket) under the frozen linear head. (Q, D) -> (Q, C)."""

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT = 3                  # the folder layout below; a folder of another format is refused on load
 META_FILE = "tickettune.json"
 EXAMPLES_FILE = "examples.jsonl"        # the train rows: the retrieval index and the taxonomy
-EMBEDDINGS_FILE = "embeddings.safetensors"  # their ticket and reply embeddings, as trained
+EMBEDDINGS_FILE = "embeddings.safetensors"  # their ticket, reply (and intent-name) embeddings, as trained
 HISTORY_FILE = "loss_history.json"
 KEY_FACT_REFERENCES = 3  # nearest same-intent replies consulted for the grounding check
 FALLBACK_REPLY = "Thanks for reaching out! Our support team will follow up on your ticket shortly."
@@ -207,8 +207,10 @@ class TicketModel:
         if self.encoder is not None:
             self.encoder.save(folder)
         write_jsonl(folder / EXAMPLES_FILE, [asdict(e) for e in self.index.examples])
-        save_file({"tickets": np.ascontiguousarray(self.index.vectors, dtype=np.float32),
-                   "replies": np.ascontiguousarray(self.index.replies, dtype=np.float32)},
+        vectors = {"tickets": self.index.vectors, "replies": self.index.replies}
+        if self.index.names:  # in taxonomy order
+            vectors["names"] = np.stack([self.index.names[label] for label in self.index.labels])
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in vectors.items()},
                   str(folder / EMBEDDINGS_FILE))
         write_json_atomic(folder / HISTORY_FILE, self.history)
         write_json_atomic(folder / META_FILE, self.metadata())  # last: a folder with it is complete
@@ -242,7 +244,8 @@ class TicketModel:
         from safetensors.numpy import load_file
 
         vectors = load_file(str(folder / EMBEDDINGS_FILE))
-        index = RetrievalIndex.fit(examples, vectors["tickets"], vectors["replies"])
+        names = dict(zip(meta["taxonomy"], vectors["names"])) if "names" in vectors else None
+        index = RetrievalIndex.fit(examples, vectors["tickets"], vectors["replies"], names)
         if list(index.labels) != meta["taxonomy"]:
             raise WeightsError(f"{folder / EXAMPLES_FILE}: its intents do not match the taxonomy in {META_FILE}")
         check_embedder(meta["embedder"], folder)
