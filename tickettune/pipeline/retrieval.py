@@ -23,7 +23,7 @@ does not touch the LLM.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -132,9 +132,10 @@ class RetrievalIndex:
     def build(cls, examples: list[Example], embed, label_names: bool = True) -> "RetrievalIndex":
         """`fit` on the rows' tickets and replies embedded by `embed` (texts -> (N, D) L2-normalised),
         and, with `label_names`, each intent's name as words (`label_words`) for the linear head."""
-        labels = sorted({e.intent for e in examples})
-        names = dict(zip(labels, embed([label_words(lab) for lab in labels]))) if label_names and labels else None
-        return cls.fit(examples, embed([e.ticket for e in examples]), embed([e.ideal_reply for e in examples]), names)
+        index = cls.fit(examples, embed([e.ticket for e in examples]), embed([e.ideal_reply for e in examples]))
+        if not (label_names and index.labels):
+            return index
+        return replace(index, names=dict(zip(index.labels, embed([label_words(lab) for lab in index.labels]))))
 
     def without(self, rows: set[int]) -> "RetrievalIndex":
         """The index refitted without `rows` (prototypes and temperature too): for calibrating on them."""
@@ -146,14 +147,19 @@ class RetrievalIndex:
         """Calibrated log P(intent | ticket) from embeddings. (Q, D) -> (Q, C)."""
         return log_softmax((queries @ self.protos.T) / self.temperature)
 
+    @property
+    def name_vectors(self) -> np.ndarray | None:
+        """(C, D) the intents' names as words, embedded, in taxonomy order; None without them."""
+        return np.stack([self.names[lab] for lab in self.labels]) if self.names else None
+
     @cached_property
     def linear_head(self) -> tuple[np.ndarray, np.ndarray]:
         """The frozen linear head (see module), fitted on first use: (C, D), (C,). Its rows are the
         train tickets and, when the index has them, each intent's name as words (one row per intent)."""
         idx = np.array([self.labels.index(e.intent) for e in self.examples], dtype=np.int64)
         x = self.vectors.astype(np.float64)
-        if self.names:
-            x = np.vstack([x, np.stack([self.names[lab] for lab in self.labels]).astype(np.float64)])
+        if self.name_vectors is not None:
+            x = np.vstack([x, self.name_vectors.astype(np.float64)])
             idx = np.concatenate([idx, np.arange(len(self.labels))])
         return fit_linear_head(x, idx, len(self.labels), LINEAR_C)
 

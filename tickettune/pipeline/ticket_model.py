@@ -208,8 +208,8 @@ class TicketModel:
             self.encoder.save(folder)
         write_jsonl(folder / EXAMPLES_FILE, [asdict(e) for e in self.index.examples])
         vectors = {"tickets": self.index.vectors, "replies": self.index.replies}
-        if self.index.names:  # in taxonomy order
-            vectors["names"] = np.stack([self.index.names[label] for label in self.index.labels])
+        if self.index.name_vectors is not None:
+            vectors["names"] = self.index.name_vectors
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in vectors.items()},
                   str(folder / EMBEDDINGS_FILE))
         write_json_atomic(folder / HISTORY_FILE, self.history)
