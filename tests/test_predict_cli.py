@@ -73,3 +73,19 @@ def test_bad_input_and_bad_weights_are_reported_together(tmp_path):
 def test_an_output_path_that_is_a_folder_is_refused(tmp_path, tickets):
     proc, _ = predict(tmp_path, tmp_path / "nope", tickets, output=tmp_path)
     assert proc.returncode == 2 and f"--output {tmp_path}: is a folder" in proc.stderr
+
+
+def test_embeddings_that_no_longer_match_the_rows_or_intents_are_named(tmp_path):
+    import numpy as np
+
+    from tickettune.pipeline.ticket_model import EMBEDDINGS_FILE, WeightsError, check_vectors
+
+    good = {"tickets": np.zeros((3, 4)), "replies": np.zeros((3, 4)), "names": np.zeros((2, 4))}
+    check_vectors(tmp_path, good, rows=3, intents=2)
+    check_vectors(tmp_path, {k: v for k, v in good.items() if k != "names"}, rows=3, intents=2)  # an older folder
+    with pytest.raises(WeightsError, match=r"1 `names` vectors for 2 intents"):
+        check_vectors(tmp_path, good | {"names": np.zeros((1, 4))}, rows=3, intents=2)
+    with pytest.raises(WeightsError, match=rf"{EMBEDDINGS_FILE}: 3 `tickets` vectors for 4 train rows"):
+        check_vectors(tmp_path, good, rows=4, intents=2)
+    with pytest.raises(WeightsError, match="no `replies` vectors"):
+        check_vectors(tmp_path, {"tickets": good["tickets"]}, rows=3, intents=2)

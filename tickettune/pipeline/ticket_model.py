@@ -244,6 +244,7 @@ class TicketModel:
         from safetensors.numpy import load_file
 
         vectors = load_file(str(folder / EMBEDDINGS_FILE))
+        check_vectors(folder, vectors, len(examples), len(meta["taxonomy"]))
         names = dict(zip(meta["taxonomy"], vectors["names"])) if "names" in vectors else None
         index = RetrievalIndex.fit(examples, vectors["tickets"], vectors["replies"], names)
         if list(index.labels) != meta["taxonomy"]:
@@ -259,6 +260,19 @@ class TicketModel:
                    stats_from_record(meta.get("training")),
                    {k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
                    reply_policy=ReplyPolicy(**meta["reply_policy"]), encoder=encoder)
+
+
+def check_vectors(folder: Path, vectors: dict, rows: int, intents: int) -> None:
+    """`embeddings.safetensors` holds a ticket and a reply vector per train row (and, where it has
+    them, a name vector per intent); a folder edited by hand may not. Raises `WeightsError`."""
+    expected = {"tickets": rows, "replies": rows, "names": intents}
+    for key, count in expected.items():
+        if key not in vectors and key != "names":
+            raise WeightsError(f"{folder / EMBEDDINGS_FILE}: no `{key}` vectors")
+        if key in vectors and len(vectors[key]) != count:
+            raise WeightsError(f"{folder / EMBEDDINGS_FILE}: {len(vectors[key])} `{key}` vectors for "
+                               f"{count} {'intents' if key == 'names' else 'train rows'} "
+                               f"({EXAMPLES_FILE}, {META_FILE}): the folder was changed after training")
 
 
 EXAMPLE_FIELDS = {"id": (str, int), "ticket": str, "intent": str, "ideal_reply": str}
