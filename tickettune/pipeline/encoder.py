@@ -215,7 +215,7 @@ class IntentEncoder:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             done += 1
         if done < planned:
             log.warning("intent encoder: stopped at step %d/%d to fit the time budget", done, planned)
