@@ -158,8 +158,9 @@ class RetrievalIndex:
         train tickets and, when the index has them, each intent's name as words (one row per intent)."""
         idx = np.array([self.labels.index(e.intent) for e in self.examples], dtype=np.int64)
         x = self.vectors.astype(np.float64)
-        if self.name_vectors is not None:
-            x = np.vstack([x, self.name_vectors.astype(np.float64)])
+        names = self.name_vectors
+        if names is not None:
+            x = np.vstack([x, names.astype(np.float64)])
             idx = np.concatenate([idx, np.arange(len(self.labels))])
         return fit_linear_head(x, idx, len(self.labels), LINEAR_C)
 

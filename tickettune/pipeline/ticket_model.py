@@ -265,13 +265,13 @@ class TicketModel:
 def check_vectors(folder: Path, vectors: dict, rows: int, intents: int) -> None:
     """`embeddings.safetensors` holds a ticket and a reply vector per train row (and, where it has
     them, a name vector per intent); a folder edited by hand may not. Raises `WeightsError`."""
-    expected = {"tickets": rows, "replies": rows, "names": intents}
-    for key, count in expected.items():
-        if key not in vectors and key != "names":
-            raise WeightsError(f"{folder / EMBEDDINGS_FILE}: no `{key}` vectors")
-        if key in vectors and len(vectors[key]) != count:
-            raise WeightsError(f"{folder / EMBEDDINGS_FILE}: {len(vectors[key])} `{key}` vectors for "
-                               f"{count} {'intents' if key == 'names' else 'train rows'} "
+    for key, count, what, required in (("tickets", rows, "train rows", True), ("replies", rows, "train rows", True),
+                                       ("names", intents, "intents", False)):
+        if key not in vectors:
+            if required:
+                raise WeightsError(f"{folder / EMBEDDINGS_FILE}: no `{key}` vectors")
+        elif len(vectors[key]) != count:
+            raise WeightsError(f"{folder / EMBEDDINGS_FILE}: {len(vectors[key])} `{key}` vectors for {count} {what} "
                                f"({EXAMPLES_FILE}, {META_FILE}): the folder was changed after training")
 
 
