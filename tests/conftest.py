@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,38 @@ def tokenizer():
     tok = AutoTokenizer.from_pretrained(bundled_model_dir(), gguf_file=BUNDLED_GGUF)
     tok.pad_token = tok.pad_token or tok.eos_token
     return tok
+
+
+TINY = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 8}, "infer": {"max_new_tokens": 12}}
+
+
+def run_py(tmp, name, train, val, extra=(), config=TINY, cwd=ROOT, script=ROOT / "run.py"):
+    """run.py in a child process (no PYTHONPATH, hub offline): (process, results path, weights folder)."""
+    cfg = tmp / f"{name}.config.json"
+    cfg.write_text(json.dumps(config))
+    out, weights = tmp / name / "results.json", tmp / name / "weights"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--train", str(train), "--val", str(val),
+                           "--weights", str(weights), "--output", str(out), "--config", str(cfg), *extra],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out, weights
+
+
+def sample_slice(tmp):
+    """Four intents of the sample's train rows and its first four val tickets, written under `tmp`."""
+    train = [json.loads(line) for line in (SAMPLE / "train.jsonl").read_text().splitlines()]
+    intents = sorted({r["intent"] for r in train})[:4]
+    rows = [r for r in train if r["intent"] in intents]
+    val = [json.loads(line) for line in (SAMPLE / "val.jsonl").read_text().splitlines()][:4]
+    return write_jsonl(tmp / "train.jsonl", rows), write_jsonl(tmp / "val.jsonl", val), rows, val
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One real run.py with tiny settings on `sample_slice`, shared by the slow tests that need a
+    trained weights folder (each run costs about a minute and a half on 2 cores): (process,
+    results path, weights folder, train rows, val rows). Tests only read the folder."""
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    train, val, train_rows, val_rows = sample_slice(tmp)
+    proc, out, weights = run_py(tmp, "a", train, val)
+    return proc, out, weights, train_rows, val_rows

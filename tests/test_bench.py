@@ -63,7 +63,7 @@ def test_fewshot_intent_bench_runs_every_method_and_writes_json(tmp_path):
     out = tmp_path / "fewshot.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fewshot_intent.py"), "--data",
                            str(SHARED / "banking77"), "--shots", "2", "--seeds", "0", "--limit-test", "40",
-                           "--budget-s", "150", "--json", str(out)], capture_output=True, text=True, timeout=900)
+                           "--budget-s", "45", "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert [r["method"] for r in results] == ["minilm-prototype", "minilm-logreg", "tickettune"]

@@ -9,38 +9,18 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLE, write_jsonl
+from conftest import ROOT, run_py, write_jsonl
 
 pytestmark = pytest.mark.slow
-TINY = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 8}, "infer": {"max_new_tokens": 12}}
-
-
-def run_py(tmp, name, train, val, extra=(), config=TINY, cwd=ROOT, script=ROOT / "run.py"):
-    cfg = tmp / f"{name}.config.json"
-    cfg.write_text(json.dumps(config))
-    out, weights = tmp / name / "results.json", tmp / name / "weights"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), "--train", str(train), "--val", str(val),
-                           "--weights", str(weights), "--output", str(out), "--config", str(cfg), *extra],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    return proc, out, weights
-
-
-def sample_slice(tmp):
-    train = [json.loads(line) for line in (SAMPLE / "train.jsonl").read_text().splitlines()]
-    intents = sorted({r["intent"] for r in train})[:4]
-    rows = [r for r in train if r["intent"] in intents]
-    val = [json.loads(line) for line in (SAMPLE / "val.jsonl").read_text().splitlines()][:3]
-    return write_jsonl(tmp / "train.jsonl", rows), write_jsonl(tmp / "val.jsonl", val), rows, val
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tiny_run, tmp_path_factory):
+    """The shared tiny run and a second one on the same files (for byte-identity)."""
+    proc, out, weights, train_rows, val_rows = tiny_run
     tmp = tmp_path_factory.mktemp("e2e")
-    train, val, train_rows, val_rows = sample_slice(tmp)
-    first = run_py(tmp, "a", train, val)
-    second = run_py(tmp, "b", train, val)
-    return first, second, train_rows, val_rows
+    second = run_py(tmp, "b", weights.parents[1] / "train.jsonl", weights.parents[1] / "val.jsonl")
+    return (proc, out, weights), second, train_rows, val_rows
 
 
 def test_results_schema_and_taxonomy(two_runs):

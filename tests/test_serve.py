@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, SAMPLE, write_jsonl
+from conftest import ROOT, write_jsonl
 from tickettune.pipeline.data import Ticket
 from tickettune.pipeline.results import Prediction
 from tickettune.pipeline.ticket_model import FORMAT, META_FILE
@@ -697,26 +697,13 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path):
 
 # --- the real model (slow) -----------------------------------------------------------------------------
 
-TINY = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 8}, "infer": {"max_new_tokens": 12}}
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real weights folder: run.py on four intents of the sample, a few steps."""
-    tmp = tmp_path_factory.mktemp("serve-model")
-    rows = [json.loads(line) for line in (SAMPLE / "train.jsonl").read_text().splitlines()]
-    intents = sorted({r["intent"] for r in rows})[:4]
-    train = write_jsonl(tmp / "train.jsonl", [r for r in rows if r["intent"] in intents])
-    val_rows = [json.loads(line) for line in (SAMPLE / "val.jsonl").read_text().splitlines()][:4]
-    val = write_jsonl(tmp / "val.jsonl", val_rows[:1])
-    (tmp / "tiny.json").write_text(json.dumps(TINY))
-    weights = tmp / "weights"
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--train", str(train), "--val", str(val),
-                           "--weights", str(weights), "--output", str(tmp / "results.json"),
-                           "--config", str(tmp / "tiny.json")],
-                          env=child_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+def trained(tiny_run, tmp_path_factory):
+    """The shared real weights folder (conftest's `tiny_run`: run.py on four intents of the sample,
+    a few steps), a folder of this module's own, the intents and four val rows."""
+    proc, _, weights, train_rows, val_rows = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, weights, intents, val_rows
+    return tmp_path_factory.mktemp("serve"), weights, sorted({r["intent"] for r in train_rows}), val_rows
 
 
 @pytest.mark.slow
