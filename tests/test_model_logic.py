@@ -96,6 +96,7 @@ def test_micro_batches_accumulate_the_same_gradient_as_one_batch(tiny_model, tok
     model.unload()
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # every step skipped
 def test_a_batch_that_runs_out_of_memory_is_trained_in_micro_batches(tiny_model, tokenizer, monkeypatch, caplog):
     import tickettune.pipeline.train as train_module
 
