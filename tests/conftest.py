@@ -32,12 +32,17 @@ def tokenizer():
 TINY = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 8}, "infer": {"max_new_tokens": 12}}
 
 
+def child_env(**extra: str) -> dict:
+    """The environment for a child process of the tool: this one's, without PYTHONPATH, hub offline."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | extra
+
+
 def run_py(tmp, name, train, val, extra=(), config=TINY, cwd=ROOT, script=ROOT / "run.py"):
-    """run.py in a child process (no PYTHONPATH, hub offline): (process, results path, weights folder)."""
+    """run.py in a child process (`child_env`): (process, results path, weights folder)."""
     cfg = tmp / f"{name}.config.json"
     cfg.write_text(json.dumps(config))
     out, weights = tmp / name / "results.json", tmp / name / "weights"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    env = child_env()
     proc = subprocess.run([sys.executable, str(script), "--train", str(train), "--val", str(val),
                            "--weights", str(weights), "--output", str(out), "--config", str(cfg), *extra],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -1,14 +1,13 @@
 """Hostile input and faults: clear errors before any model loads, nothing lost or duplicated."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLE, write_jsonl
+from conftest import ROOT, SAMPLE, child_env, write_jsonl
 from tickettune.pipeline.generate import generate
 
 TRAIN_ROW = {"id": "t1", "ticket": "How do I add a seat?", "intent": "billing.seats", "ideal_reply": "Go to Settings."}
@@ -22,8 +21,8 @@ def run_py(tmp, train, val, weights=None, output=None, config=None, env_extra=No
     if config:
         (tmp / "config.json").write_text(json.dumps(config))
         args += ["--config", str(tmp / "config.json")]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | (env_extra or {})
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout), output
+    return subprocess.run(args, capture_output=True, text=True, env=child_env(**(env_extra or {})),
+                          timeout=timeout), output
 
 
 @pytest.mark.parametrize("val_lines, problems", [

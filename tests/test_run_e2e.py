@@ -2,14 +2,13 @@
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_py, write_jsonl
+from conftest import ROOT, child_env, run_py, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +77,7 @@ def test_tickettune_predict_on_a_copied_folder_reproduces_run_py(two_runs, tmp_p
     other_env.mkdir(parents=True)
     (other_env / "__init__.py").write_text("")
     (other_env / BUNDLED_GGUF).symlink_to(bundled_model_dir() / BUNDLED_GGUF)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
-                                                                        "PYTHONPATH": str(other_env.parent)}
+    env = child_env(PYTHONPATH=str(other_env.parent))
     new_out = tmp_path / "predicted.json"
     proc = subprocess.run([sys.executable, "-m", "tickettune", "predict", "--weights", str(copied),
                            "--input", str(weights.parents[1] / "val.jsonl"), "--output", str(new_out)],
@@ -124,7 +122,7 @@ def test_forgetting_scores_the_base_and_both_adapters(two_runs, tmp_path):
         ("Which is a liquid at room temperature?", ["water", "iron", "stone", "wood"]),
         ("What pulls objects toward Earth?", ["gravity", "magnetism"])]])
     out = tmp_path / "forgetting.json"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "tickettune", "forgetting", "--weights", str(weights), "--data",
                            str(questions), "--batch-size", "2", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
