@@ -238,16 +238,18 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
     the encoder, its head and the intent adapter never saw; the frozen experts are refitted without
     them. The experts are `intent.weighed_experts` (the prototypes only when the desk's replies are
     there) and the LM; the weights move away from `intent.prior_weights` (the prototypes alone when
-    the desk's replies are there, else the encoder and the frozen linear head equally) only on
-    evidence beyond chance (`intent.choose_weights`). Without held-out rows there is nothing to
-    measure: the prior stands and the LM, whose worth is unknown, gets no weight.
+    the desk's replies are there, else the encoder and the frozen linear head equally; every
+    embedding expert equally when each intent has one train row) only on evidence beyond chance
+    (`intent.choose_weights`). Without held-out rows there is nothing to measure: the prior stands
+    and the LM, whose worth is unknown, gets no weight.
     `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     replies_said = any(e.ideal_reply.strip() for e in index.examples)
     names = intent.weighed_experts(replies_said, model.encoder is not None)
+    one_row_each = len(index.labels) == len(index.examples)
     if not held or len(index.labels) < 2:
-        return intent.prior_weights(names, replies_said) | {
+        return intent.prior_weights(names, replies_said, one_row_each) | {
             "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold, rows = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
     rest, vectors = index.without(held), embed(texts)
@@ -259,7 +261,7 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    prior = intent.prior_weights(list(experts), replies_said)
+    prior = intent.prior_weights(list(experts), replies_said, one_row_each)
     weights = intent.choose_weights(experts, gold, rows=rows, prior=prior)
     if fixed_lm is not None:
         weights["lm"] = fixed_lm if lm_trained else 0.0
