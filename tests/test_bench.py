@@ -86,3 +86,17 @@ def test_scale_bench_runs_a_cell_within_its_budget(tmp_path):
     assert cell["train_rows"] == 40 and cell["val_rows"] == 12 and cell["steps"] > 0
     assert set(cell["stages_s"]) >= {"embed", "load model", "train", "predict"}
     assert cell["budget"]["costs"] is not None and (tmp_path / "scale.png").stat().st_size > 5_000
+
+
+def test_one_row_per_intent_bench_scores_every_weighting(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"encoder": {"min_steps": 5, "max_steps": 5}}))
+    out = tmp_path / "one_row.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "one_row_per_intent.py"), "--data", str(SAMPLE),
+                           "--seeds", "0", "--config", str(config), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads(out.read_text())["results"]
+    assert {"prototypes", "linear head", "encoder", "encoder + linear head", "equal"} <= set(row)
+    assert row["prototypes"] > 0.5 and row["equal"] > 0.5   # one row each of 12 intents: chance is 0.08
+    assert f"| {SAMPLE.name} | 1 |" in proc.stdout
