@@ -13,8 +13,7 @@ Phases, in order (each a call below, none hidden in a callback):
    a composed reply borrows, leave-one-out over the train rows; then whether the reply adapter
    writes replies at all: it generates for the held-out rows, and its grounded generations must
    beat the composed replies there by `replies.proxy_quality`, beyond chance (a one-sided paired
-   t-test at 5 %, `replies.generation_wins`), or the run composes (also when nothing is held out:
-   one train row per intent). So a 135M model
+   t-test at 5 %, `replies.generation_wins`), or the run composes. So a 135M model
    on a CPU may compose where a 7B model on a GPU generates, with no setting changed.
 See `train` for the loop and val_loss, `intent` for the ensemble. Does not load or save models.
 """
@@ -201,8 +200,8 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
     evidence: dict = {"extra_sentences_loo": {str(n): q for n, q in loo.items()}}
     if forced != "auto":
         return ReplyPolicy(forced, k, evidence | {"source": f"set by infer.reply_source={forced}"})
-    if not held:  # nothing to prove generation on, and the burden of proof is on generation
-        return ReplyPolicy("retrieve", k, evidence | {"source": "no held-out rows to measure generation on: compose"})
+    if not held:
+        return ReplyPolicy("generate", k, evidence | {"source": "no held-out rows to measure on: generate"})
     rows = sorted(held)[:HELDOUT_REPLIES]
     ranked = [bank.rank(model.index.vectors[i], examples[i].ticket, examples[i].intent, exclude=i) for i in rows]
     model.reply_policy = ReplyPolicy("generate", k)
