@@ -105,7 +105,7 @@ def test_without_replies_the_prototypes_are_not_weighed_and_the_prior_is_the_enc
 ])
 def test_with_nothing_held_out_one_row_per_intent_counts_every_embedding_expert(rows_per_intent, prior):
     """With no held-out rows the prior stands: the prototypes alone, unless every intent has a single row,
-    where the prototypes fell 0.04-0.10 below the experts counted equally on all four support sets (README)."""
+    where the prototypes fell 0.02-0.08 below the experts counted equally on all four support sets (README)."""
     from tickettune.pipeline.fit import calibrate
 
     examples = [Example(f"r{i}{j}", f"ticket {i} {j}", f"intent.{i}", f"reply {i}")

@@ -200,7 +200,7 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
     evidence: dict = {"extra_sentences_loo": {str(n): q for n, q in loo.items()}}
     if forced != "auto":
         return ReplyPolicy(forced, k, evidence | {"source": f"set by infer.reply_source={forced}"})
-    if not held:  # one train row per intent; there grounded generation measured level with composing or above (README)
+    if not held:  # one row per intent: there generation measured level with composing or above (README)
         return ReplyPolicy("generate", k, evidence | {"source": "no held-out rows to measure on: generate"})
     rows = sorted(held)[:HELDOUT_REPLIES]
     ranked = [bank.rank(model.index.vectors[i], examples[i].ticket, examples[i].intent, exclude=i) for i in rows]

@@ -130,8 +130,8 @@ def prior_weights(experts: list[str], replies_said: bool, one_row_each: bool = F
     frozen linear head equally (the best pair on Banking77, where it was chosen; README).
     `one_row_each`: every intent has a single train row, so a prototype is one ticket and its reply,
     and no row can be held out to argue with the prior: then the embedding experts count equally
-    (one row per intent drawn from each of the four support sets, 5 draws each not used to choose:
-    0.040 to 0.100 above the prototypes alone on every set; README).
+    (`bench/one_row_per_intent.py`, one row per intent drawn from each of the four support sets: on
+    the 5 draws not used to choose, 0.036 to 0.088 above the prototypes alone on every set; README).
 
     >>> prior_weights(["proto", "logreg", "encoder", "lm"], True)
     {'proto': 1.0}
