@@ -32,7 +32,8 @@ from tickettune.pipeline import intent  # noqa: E402
 from tickettune.pipeline.config import RunConfig  # noqa: E402
 from tickettune.pipeline.data import load_labels, load_train, load_val  # noqa: E402
 from tickettune.pipeline.embeddings import embed  # noqa: E402
-from tickettune.pipeline.encoder import IntentEncoder, training_texts  # noqa: E402
+from tickettune.pipeline.fit import fit_encoder  # noqa: E402
+from tickettune.pipeline.plan import Hardware, decide  # noqa: E402
 from tickettune.pipeline.retrieval import RetrievalIndex  # noqa: E402
 
 WEIGHTINGS = {"prototypes": {"proto": 1.0}, "linear head": {"logreg": 1.0}, "encoder": {"encoder": 1.0},
@@ -52,8 +53,7 @@ def cell(folder: Path, seed: int, cfg: RunConfig) -> dict:
     val, gold_of = load_val(folder / "val.jsonl"), {lab.id: lab.intent for lab in load_labels(folder / "val_labels.jsonl")}
     index = RetrievalIndex.build(train, embed, cfg.encoder.label_names)
     labels = list(index.labels)
-    texts, y = training_texts([e.ticket for e in train], [e.intent for e in train], labels, cfg.encoder, cfg.seed)
-    encoder = IntentEncoder.fit(texts, y, labels, cfg.encoder, cfg.seed)
+    encoder = fit_encoder(index, set(), cfg, decide(Hardware(cuda=False)), None)  # run.py's: nothing held out here
     tickets = [t.ticket for t in val]
     vectors = embed(tickets)
     experts = {"proto": index.intent_logprobs(vectors), "logreg": index.linear_logprobs(vectors),

@@ -200,7 +200,7 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
     evidence: dict = {"extra_sentences_loo": {str(n): q for n, q in loo.items()}}
     if forced != "auto":
         return ReplyPolicy(forced, k, evidence | {"source": f"set by infer.reply_source={forced}"})
-    if not held:  # one row per intent: there generation measured level with composing or above (README)
+    if not held:  # e.g. one row per intent, where generation measured level with composing or above (README)
         return ReplyPolicy("generate", k, evidence | {"source": "no held-out rows to measure on: generate"})
     rows = sorted(held)[:HELDOUT_REPLIES]
     ranked = [bank.rank(model.index.vectors[i], examples[i].ticket, examples[i].intent, exclude=i) for i in rows]
@@ -247,8 +247,8 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     replies_said = any(e.ideal_reply.strip() for e in index.examples)
     names = intent.weighed_experts(replies_said, model.encoder is not None)
-    one_row_each = len(index.labels) == len(index.examples)
-    if not held or len(index.labels) < 2:
+    if not held or len(index.labels) < 2:  # (held-out rows imply an intent with two rows: never one row each)
+        one_row_each = len(index.labels) == len(index.examples)
         return intent.prior_weights(names, replies_said, one_row_each) | {
             "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold, rows = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
@@ -261,7 +261,7 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    prior = intent.prior_weights(list(experts), replies_said, one_row_each)
+    prior = intent.prior_weights(list(experts), replies_said)
     weights = intent.choose_weights(experts, gold, rows=rows, prior=prior)
     if fixed_lm is not None:
         weights["lm"] = fixed_lm if lm_trained else 0.0
