@@ -17,10 +17,18 @@ class _Redact(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if record.exc_info and not record.exc_text:  # the traceback a handler would append, formatted
+            record.exc_text = logging.Formatter().formatException(record.exc_info)  # once, so it can be cleaned
         for var in SECRET_VARS:
             value = os.environ.get(var)
-            if value and len(value) >= 6 and value in message:
+            if not value or len(value) < 6:
+                continue
+            if value in message:
                 record.msg, record.args = message.replace(value, f"<{var}>"), ()
+            if record.exc_text and value in record.exc_text:
+                record.exc_text = record.exc_text.replace(value, f"<{var}>")
+            if record.stack_info and value in record.stack_info:
+                record.stack_info = record.stack_info.replace(value, f"<{var}>")
         return True
 
 

@@ -1,4 +1,5 @@
-"""`tickettune` console command: predict, serve, eval, repro, plan, package. Training + prediction is `run.py`.
+"""`tickettune` console command: predict, serve, eval, forgetting, repro, plan, package. Training and
+prediction in one go is `run.py`.
 
 Each subcommand lives in its own module, which exposes `configure(parser)` and `main(args) -> int`;
 modules are imported only when their command runs, so `tickettune plan` starts in milliseconds.
