@@ -44,6 +44,7 @@ ROOT_FILES = frozenset({"run.py", "README.md", "requirements.txt", "constraints.
                         "LICENSE", "LICENSE.md", "LICENSE.txt"})
 EXTRA_FILES = frozenset({"scripts/setup.sh"})     # the README's set-up command
 PACKAGE_DIR = "tickettune"                        # tickettune/**/*.py
+DOCS_DIR = "docs"                                 # docs/*.md: the README's links
 SAMPLE_DATA = frozenset({"train.jsonl", "val.jsonl"})  # data/<set>/{train,val}.jsonl: tiny sample inputs
 
 # --- what never ships (independent of the allow-list) ----------------------------------------------
@@ -65,14 +66,16 @@ WALK_SKIP_DIRS = frozenset({"__pycache__", "node_modules"})  # plus every dot-fo
 def is_allowed(path: str) -> bool:
     """True for a POSIX path (relative to the repo root) that belongs in the submission.
 
-    >>> [is_allowed(p) for p in ("run.py", "tickettune/x/y.py", "data/northstar/val_labels.jsonl")]
-    [True, True, False]
+    >>> [is_allowed(p) for p in ("run.py", "tickettune/x/y.py", "data/northstar/val_labels.jsonl", "docs/design.md")]
+    [True, True, False, True]
     """
     if path in EXTRA_FILES:
         return True
     parts = PurePosixPath(path).parts
     if len(parts) == 1:
         return parts[0] in ROOT_FILES
+    if parts[0] == DOCS_DIR:  # the README links them
+        return len(parts) == 2 and parts[1].endswith(".md")
     if parts[0] == PACKAGE_DIR:
         return parts[-1].endswith(".py") and "__pycache__" not in parts
     return len(parts) == 3 and parts[0] == "data" and parts[2] in SAMPLE_DATA
