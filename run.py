@@ -24,6 +24,7 @@ runlog.set_process_defaults()  # before torch starts: passive OpenMP waits, dete
 
 from tickettune import __version__  # noqa: E402
 from tickettune.pipeline import config, data  # noqa: E402
+from tickettune.pipeline.embeddings import EncoderUnavailable, check_available, select_encoder  # noqa: E402
 from tickettune.pipeline.results import folder_problem  # noqa: E402
 from tickettune.pipeline.plan import (BUNDLED, ENV_MODEL, Hardware, Plan, decide, detect_hardware,  # noqa: E402
                                       fallbacks, model_override)
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for everything (else $TICKETTUNE_SEED, else 0)")
     p.add_argument("--base-model", default=None,
                    help=f"hub id or local folder; else ${ENV_MODEL}; else chosen by hardware")
+    p.add_argument("--encoder", default=None, choices=config.ENCODERS,
+                   help=f"sentence encoder under retrieval and the intent encoder; else ${config.ENV_ENCODER}; "
+                   f"else the config's encoder.model; else {config.DEFAULT_ENCODER} (mpnet: made by scripts/setup.sh)")
     p.add_argument("--config", default=None, help="JSON file overriding settings, e.g. {\"train\": {\"epochs\": 2}}")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget for the whole run (default 1500)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -60,7 +64,7 @@ class Job:
     override: str | None        # the model named by --base-model / $TICKETTUNE_BASE_MODEL
     plan: Plan
     cfg: config.RunConfig
-    overrides: dict             # --config, --seed, --budget-s: to rebuild the settings for a fallback plan
+    overrides: dict             # --config, --seed, --budget-s, --encoder: to rebuild the settings for a fallback plan
 
     def config_for(self, plan: Plan) -> config.RunConfig:
         """`plan`'s device defaults with the user's overrides (validated in `prepare`)."""
@@ -73,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     clock = runlog.Clock()
     try:
         job = prepare(args, clock)
-    except (data.DataError, config.ConfigError, PathError) as exc:
+    except (data.DataError, config.ConfigError, PathError, EncoderUnavailable) as exc:
         log.error("cannot start:\n%s", exc)
         return EXIT_BAD_INPUT
     log.info("%d train rows, %d intents, %d val rows", len(job.train_rows), len(data.taxonomy(job.train_rows)),
              len(job.val_rows))
-    log.info("plan: %s", job.plan.describe())
+    log.info("plan: %s; sentence encoder %s", job.plan.describe(), job.cfg.encoder.model)
     if job.plan.model == BUNDLED:
         os.environ["HF_HUB_OFFLINE"] = "1"  # the default CPU path never touches a hub, embedder included
 
@@ -125,7 +129,11 @@ def prepare(args: argparse.Namespace, clock) -> Job:
         if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
             seed = int(seed)  # anything else reaches the config check and is reported there
         overrides |= {k: v for k, v in (("seed", seed), ("budget_s", args.budget_s)) if v is not None}
+        overrides = config.with_encoder(overrides, args.encoder)  # --encoder > $TICKETTUNE_ENCODER > --config
         cfg = config.RunConfig.for_plan(plan.device, overrides)
+        select_encoder(cfg.encoder.model)  # every embedding of this run, and the intent encoder's base
+        # before any model loads; the CPU plan never uses the hub (main sets HF_HUB_OFFLINE): the folder must be here
+        check_available(cfg.encoder.model, hub=False if plan.model == BUNDLED else None)
     return Job(train_rows, val_rows, Path(args.weights), Path(args.output), hardware, override, plan, cfg, overrides)
 
 

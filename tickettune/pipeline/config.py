@@ -11,9 +11,15 @@ file (`--config`) overrides any field. Every invalid field is reported at once.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+
+ENCODERS = ("minilm", "mpnet")     # the sentence encoder under retrieval and the intent encoder
+DEFAULT_ENCODER = "minilm"
+ENV_ENCODER = "TICKETTUNE_ENCODER"
 
 
 class ConfigError(ValueError):
@@ -46,8 +52,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The intent encoder (`encoder.py`): MiniLM fine-tuned with a supervised contrastive loss through
-    LoRA, a logistic-regression head. Chosen by cross-validation inside Banking77's few-shot rows."""
+    """The intent encoder (`encoder.py`): the sentence encoder (`model`; MiniLM by default) fine-tuned with a
+    supervised contrastive loss through LoRA, a logistic-regression head. Chosen by cross-validation inside Banking77's few-shot rows."""
     enabled: bool = True            # False: the frozen prototype classifier is the embedding expert
     lora_r: int = 16
     lr: float = 5e-4
@@ -65,6 +71,10 @@ class EncoderConfig:
     fit_schedule: bool = True       # under a deadline, end the learning-rate decay where the time ends
     time_share: float = 0.25        # of the time left, at most, when the run has a deadline
     time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (fit.encoder_deadline)
+    # the sentence encoder, a plan choice (`--encoder`, else $TICKETTUNE_ENCODER, else this): the frozen
+    # embedder of retrieval and the base of the intent encoder. "minilm": the bundled all-MiniLM-L6-v2
+    # (384-d); "mpnet": all-mpnet-base-v2 (768-d) that scripts/setup.sh verifies into a cache folder
+    model: str = DEFAULT_ENCODER
 
 
 REPLY_SOURCES = ("auto", "generate", "retrieve")
@@ -166,6 +176,7 @@ def validate(cfg: RunConfig) -> list[str]:
     t, i, e = cfg.train, cfg.infer, cfg.encoder
     checks = [
         (t.holdout_max >= 0, "train.holdout_max must be >= 0"),
+        (e.model in ENCODERS, f"encoder.model must be one of {', '.join(ENCODERS)} (got {e.model!r})"),
         (e.lora_r >= 1, "encoder.lora_r must be >= 1"),
         (e.lr > 0, "encoder.lr must be > 0"),
         (e.epochs > 0, "encoder.epochs must be > 0"),
@@ -201,6 +212,29 @@ def validate(cfg: RunConfig) -> list[str]:
         (cfg.budget_s > 0, "budget_s must be > 0"),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+def encoder_choice(flag: str | None = None) -> str | None:
+    """The encoder named by `--encoder`, else by $TICKETTUNE_ENCODER (empty: none); None when neither
+    names one (then the config's `encoder.model` holds). A name not in ENCODERS is a ConfigError."""
+    choice, source = (flag, "--encoder") if flag else (os.environ.get(ENV_ENCODER) or None, f"${ENV_ENCODER}")
+    if choice is not None and choice not in ENCODERS:
+        raise ConfigError([f"encoder.model ({source}): {choice!r} is not one of {', '.join(ENCODERS)}"])
+    return choice
+
+
+def with_encoder(overrides: dict[str, Any], flag: str | None = None) -> dict[str, Any]:
+    """`overrides` (a --config file's) with `encoder_choice(flag)` on top: flag > environment > config
+    file > default, as --seed and $TICKETTUNE_SEED are over the file.
+
+    >>> with_encoder({"encoder": {"model": "minilm", "lr": 0.001}}, "mpnet")["encoder"]
+    {'model': 'mpnet', 'lr': 0.001}
+    """
+    choice = encoder_choice(flag)
+    section = overrides.get("encoder", {})
+    if choice is None or not isinstance(section, dict):  # a malformed section is reported by `merge`
+        return overrides
+    return {**overrides, "encoder": {**section, "model": choice}}
 
 
 def load_overrides(path: str | Path | None) -> dict[str, Any]:

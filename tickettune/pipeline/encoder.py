@@ -1,5 +1,6 @@
-"""The intent encoder: the bundled sentence encoder (all-MiniLM-L6-v2) fine-tuned on this desk's
-tickets, with a logistic-regression head on its embeddings: the intent ensemble's strongest expert.
+"""The intent encoder: the chosen sentence encoder (all-MiniLM-L6-v2 by default, or all-mpnet-base-v2:
+`EncoderConfig.model`, `embeddings`) fine-tuned on this desk's tickets, with a logistic-regression
+head on its embeddings: the intent ensemble's strongest expert.
 
 Fine-tuning (`IntentEncoder.fit`) follows the few-shot recipe of SetFit-style contrastive tuning:
 LoRA on every linear layer of the encoder's blocks (the embedding table stays frozen), a
@@ -16,7 +17,8 @@ planned steps short (many rows, a short budget) the learning-rate decay is fitte
 encoder alone (seeds 0-2; the test set untouched).
 
 Only the LoRA weights (a few MB) and the head are saved (`ENCODER_DIR` in the weights folder); the
-base encoder comes from the bundled package again at load. Deterministic given the seed.
+base encoder comes from the bundled package (or the mpnet cache folder) again at load. Deterministic
+given the seed.
 Does not embed for retrieval: replies are retrieved with the frozen encoder (`embeddings`), whose
 neighbourhoods fine-tuning for intents would blur.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +42,13 @@ from tickettune.pipeline.retrieval import fit_linear_head, label_words, log_soft
 log = logging.getLogger(__name__)
 ENCODER_DIR = "encoder"          # in the weights folder: the LoRA adapter and head.safetensors
 HEAD_FILE = "head.safetensors"
-LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
+LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"      # BERT (MiniLM): attention.self.query ...
+MPNET_LORA_TARGETS = r".*encoder\.layer\.\d+\..*\.(q|k|v|o|dense)$"      # MPNet: attention.attn.q, .k, .v, .o
+
+
+def lora_targets(model) -> str:
+    """Every linear layer of the encoder's blocks, by architecture (MPNet names its projections q/k/v/o)."""
+    return MPNET_LORA_TARGETS if getattr(model.config, "model_type", "") == "mpnet" else LORA_TARGETS
 
 
 def training_texts(tickets: list[str], intents: list[str], labels: list[str], cfg: EncoderConfig,
@@ -146,6 +155,7 @@ class IntentEncoder:
     intercept: np.ndarray    # (C,)
     max_length: int = 128
     steps: int = 0           # fine-tuning steps taken (0 when loaded)
+    choice: str | None = None  # the sentence encoder it is built on ("minilm" | "mpnet"; None: the process's)
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised mean-pooled embeddings (N, D), fp32, in input order."""
@@ -174,19 +184,26 @@ class IntentEncoder:
 
     @classmethod
     def fit(cls, texts: list[str], y: np.ndarray, labels: list[str], cfg: EncoderConfig, seed: int,
-            deadline: float | None = None) -> "IntentEncoder":
-        """Fine-tune the bundled encoder on (`texts`, `y`) as the module says and fit the head.
-        Stops early at `deadline` (monotonic s)."""
+            deadline: float | None = None, choice: str | None = None) -> "IntentEncoder":
+        """Fine-tune the sentence encoder on (`texts`, `y`) as the module says and fit the head.
+        Stops early at `deadline` (monotonic s). `choice`: the encoder, by default the process's
+        (`embeddings.selected_encoder`, which run.py sets from `cfg.model`): the one the index embeds with."""
         import torch
         import torch.nn.functional as F
         from peft import LoraConfig, get_peft_model
 
-        model, tokenizer = load_base_encoder()
+        from tickettune.pipeline.embeddings import ENV_EMBEDDER, selected_encoder
+
+        choice = choice or selected_encoder()
+        if choice != cfg.model and not os.environ.get(ENV_EMBEDDER):
+            log.warning("intent encoder: built on %s (the process's encoder) while the config says %s: "
+                        "run.py selects the config's (embeddings.select_encoder)", choice, cfg.model)
+        model, tokenizer = load_base_encoder(choice)
         torch.manual_seed(seed)
         for p in model.embeddings.parameters():
             p.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, bias="none"))
+                                                 target_modules=lora_targets(model), bias="none"))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
         planned = max(cfg.min_steps, min(cfg.max_steps, math.ceil(cfg.epochs * len(texts) / cfg.batch_size)))
@@ -222,7 +239,8 @@ class IntentEncoder:
         log.info("intent encoder: %d steps on %d texts in %.1f s, loss %.3f -> %.3f", done, len(texts),
                  time.perf_counter() - t0, losses[0] if losses else float("nan"),
                  float(np.mean(losses[-max(1, done // 10):])) if losses else float("nan"))
-        encoder = cls(list(labels), model.eval(), tokenizer, np.zeros((0, 0)), np.zeros(0), cfg.max_length, done)
+        encoder = cls(list(labels), model.eval(), tokenizer, np.zeros((0, 0)), np.zeros(0), cfg.max_length, done,
+                      choice)
         encoder.refit_head(texts, y, cfg)
         return encoder
 
@@ -233,7 +251,7 @@ class IntentEncoder:
 
         folder = Path(folder) / ENCODER_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        name = encoder_name()  # portable: the package pin, not this machine's site-packages path
+        name = encoder_name(self.choice)  # portable: the package pin, not this machine's site-packages path
         for config in self.model.peft_config.values():
             config.base_model_name_or_path = name
         base = self.model.get_base_model()
@@ -243,15 +261,17 @@ class IntentEncoder:
                   str(folder / HEAD_FILE))
 
     @classmethod
-    def load(cls, folder: str | Path, labels: list[str], max_length: int) -> "IntentEncoder":
+    def load(cls, folder: str | Path, labels: list[str], max_length: int,
+             choice: str | None = None) -> "IntentEncoder":
+        """The encoder `save` wrote into `folder`, on the base `choice` names (default: the process's)."""
         from peft import PeftModel
         from safetensors.numpy import load_file
 
         folder = Path(folder) / ENCODER_DIR
-        base, tokenizer = load_base_encoder()
+        base, tokenizer = load_base_encoder(choice)
         model = PeftModel.from_pretrained(base, str(folder)).eval()
         head = load_file(str(folder / HEAD_FILE))
-        return cls(list(labels), model, tokenizer, head["coef"], head["intercept"], max_length)
+        return cls(list(labels), model, tokenizer, head["coef"], head["intercept"], max_length, choice=choice)
 
 
 def _mean_pool(hidden, mask):
@@ -259,13 +279,14 @@ def _mean_pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-def load_base_encoder():
-    """(transformer, tokenizer) of the bundled all-MiniLM-L6-v2, or of $TICKETTUNE_EMBEDDER."""
+def load_base_encoder(choice: str | None = None):
+    """(transformer, tokenizer) of the chosen sentence encoder (default: the process's; the bundled
+    all-MiniLM-L6-v2 or the verified all-mpnet-base-v2 folder), or of $TICKETTUNE_EMBEDDER."""
     from transformers import AutoModel, AutoTokenizer
 
-    from tickettune.pipeline.embeddings import embedder_path
+    from tickettune.pipeline.embeddings import encoder_source
 
-    folder = str(embedder_path())
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+    source, local = encoder_source(choice)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    model = AutoModel.from_pretrained(source, local_files_only=local, add_pooling_layer=False)
     return model.eval(), tokenizer

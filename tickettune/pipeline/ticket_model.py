@@ -73,25 +73,35 @@ class TicketModel:
     def labels(self) -> list[str]:
         return list(self.index.labels)
 
+    @property
+    def encoder_choice(self) -> str:
+        """The sentence encoder ("minilm" | "mpnet") its index was embedded with: the one `embedder`
+        names, else (a user's folder, the hashed stand-in) the config's."""
+        from tickettune.pipeline.embeddings import choice_of
+
+        return choice_of(self.embedder) or self.config.encoder.model
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """`texts` embedded by the encoder of the index (`encoder_choice`), whatever the process chose."""
+        from tickettune.pipeline.embeddings import embed
+
+        return embed(texts, choice=self.encoder_choice)
+
     @cached_property
     def bank(self) -> ReplyBank:
         """The train replies for ranking and composing (sentence embeddings computed once)."""
-        from tickettune.pipeline.embeddings import embed
-
         examples = self.index.examples
         return ReplyBank([e.intent for e in examples], [e.ticket for e in examples],
-                         [e.ideal_reply for e in examples], self.index.vectors, self.index.replies, embed)
+                         [e.ideal_reply for e in examples], self.index.vectors, self.index.replies, self.embed)
 
     # --- prediction ------------------------------------------------------------------------------
 
     def predict(self, tickets: list[Ticket], deadline: float | None = None) -> tuple[list[Prediction], list[dict]]:
         """Predictions in input order, and one diagnostics record per row (scores, action).
         Rows whose generation would start after `deadline` (monotonic s) get the retrieved reply."""
-        from tickettune.pipeline.embeddings import embed
-
         if not tickets:
             return [], []
-        vectors = embed([t.ticket for t in tickets])  # outside the LM's autocast: the encoder's own precision
+        vectors = self.embed([t.ticket for t in tickets])  # outside the LM's autocast: the encoder's own precision
         with modeling.autocast(self.plan):
             return self._predict(tickets, vectors, deadline)
 
@@ -249,11 +259,12 @@ class TicketModel:
         index = RetrievalIndex.fit(examples, vectors["tickets"], vectors["replies"], names)
         if list(index.labels) != meta["taxonomy"]:
             raise WeightsError(f"{folder / EXAMPLES_FILE}: its intents do not match the taxonomy in {META_FILE}")
-        check_embedder(meta["embedder"], folder)
+        config = encoder_of(meta["embedder"], config)
+        check_embedder(meta["embedder"], folder, config.encoder.model, vectors["tickets"].shape[1])
         modeling.seed_everything(config.seed, plan.device)
         base, tokenizer = modeling.load_base(plan)
         model = modeling.load_adapter(base, folder)
-        encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length) \
+        encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length, config.encoder.model) \
             if meta.get("intent_encoder") else None
         return cls(plan, config, model, tokenizer, index, {k: float(v) for k, v in meta["ensemble_weights"].items()},
                    meta["embedder"],
@@ -358,14 +369,33 @@ def plan_for_device(saved: Plan, device: str | None) -> Plan:
     return replace(saved, device="cuda", dtype="bfloat16" if hw.bf16 else "float16", autocast=None)
 
 
-def check_embedder(saved: str, folder: Path) -> None:
-    """The encoder here must embed tickets in the space the index was saved in."""
-    from tickettune.pipeline.embeddings import HASHED, load_embedder
+def encoder_of(saved: str, config: RunConfig) -> RunConfig:
+    """`config` with `encoder.model` set to the encoder that `saved` (tickettune.json's `embedder`) names:
+    the index must be queried in its own space. A user's folder or the hashed stand-in name no choice:
+    the config's stands (a folder of an older version, without the field: minilm)."""
+    from tickettune.pipeline.embeddings import choice_of
 
-    here = load_embedder().name
+    choice = choice_of(saved)
+    if choice is None or choice == config.encoder.model:
+        return config
+    return replace(config, encoder=replace(config.encoder, model=choice))
+
+
+def check_embedder(saved: str, folder: Path, choice: str | None = None, dim: int | None = None) -> None:
+    """The encoder here (`choice`'s, or $TICKETTUNE_EMBEDDER's) must embed tickets in the space the
+    index was saved in: present, the same kind, and (`dim`) of the index's dimension."""
+    from tickettune.pipeline.embeddings import HASHED, EncoderUnavailable, embed, load_embedder
+
+    try:
+        here = load_embedder(choice=choice).name
+    except EncoderUnavailable as exc:
+        raise WeightsError(f"{folder}: its index was embedded with {saved}, which is not here: {exc}") from None
     if (saved == HASHED) != (here == HASHED):
         raise WeightsError(f"{folder}: its index was embedded with {saved}, but here the encoder is {here}: "
                            "install the same sentence encoder (see README)")
+    if dim is not None and (got := embed(["dimension check"], choice=choice).shape[1]) != dim:
+        raise WeightsError(f"{folder}: its index holds {dim}-d vectors (embedded with {saved}), but here the "
+                           f"encoder is {here}, which embeds in {got} dimensions")
     if saved != here:
         log.warning("the index was embedded with %s; embedding tickets with %s", saved, here)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OFFLINE_NAME = "offline (MiniLM cosine)"
+JUDGE_ENCODER = "minilm"  # the offline judge's encoder, whatever a run chose (embeddings.select_encoder)
 RUBRIC_VERSION = "reply-similarity-v1"
 RUBRIC = (
     "You grade customer-support replies. Compare the CANDIDATE reply with the IDEAL reply written by "
@@ -102,13 +103,14 @@ def redact(text: str) -> str:
 
 
 def offline_scores(pairs: list[tuple[str, str]]) -> list[float]:
-    """Cosine similarity of MiniLM embeddings of (ideal, prediction), clipped to [0, 1]."""
+    """Cosine similarity of MiniLM embeddings of (ideal, prediction), clipped to [0, 1]. Always MiniLM
+    (whatever encoder a run chose): the judge's scale stays comparable across runs."""
     from tickettune.pipeline.embeddings import embed
 
     if not pairs:
         return []
-    ideals = embed([ideal for ideal, _ in pairs])  # (N, 384), L2-normalised
-    preds = embed([pred for _, pred in pairs])  # (N, 384)
+    ideals = embed([ideal for ideal, _ in pairs], choice=JUDGE_ENCODER)  # (N, D), L2-normalised
+    preds = embed([pred for _, pred in pairs], choice=JUDGE_ENCODER)  # (N, D)
     cosine = (ideals * preds).sum(axis=1)  # (N,)
     return [float(min(max(c, 0.0), 1.0)) for c in cosine]
 
@@ -117,7 +119,7 @@ def _note_encoder(run: "JudgeRun", fallback) -> None:
     """Say so when the offline judge could not use MiniLM (see `embeddings.load_embedder`)."""
     from tickettune.pipeline.embeddings import EMBEDDER_HUB, EMBEDDER_PIP, load_embedder
 
-    name = load_embedder().name if fallback is offline_scores else EMBEDDER_PIP
+    name = load_embedder(choice=JUDGE_ENCODER).name if fallback is offline_scores else EMBEDDER_PIP
     if name not in (EMBEDDER_PIP, EMBEDDER_HUB):
         run.notes.append(f"the offline judge used {name} instead of the bundled MiniLM: "
                          "scores are not comparable with MiniLM-judged runs")
