@@ -11,6 +11,8 @@ file order, k)`), and every row of test.csv is scored. Methods:
 
   minilm-prototype   frozen all-MiniLM-L6-v2, cosine to each intent's normalised mean embedding
   minilm-logreg      frozen all-MiniLM-L6-v2, logistic regression (C=10)
+  setfit             SetFit's default recipe on the same MiniLM (bench/setfit_baseline.py), stopped after the
+                     seconds tickettune's fit took on the same cell (--budget-s when tickettune is not run)
   tickettune         the intent pipeline run.py runs on the CPU plan, through the library: `fit.fit`
                      (intent encoder, prototypes, the LoRA intent adapter under the run's own budget
                      planner, the held-out calibration) then `TicketModel.predict`. The rows carry no
@@ -38,13 +40,13 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tickettune.pipeline.runlog import set_process_defaults  # noqa: E402
 
 set_process_defaults()
-METHODS = ("minilm-prototype", "minilm-logreg", "tickettune")
+METHODS = ("minilm-prototype", "minilm-logreg", "setfit", "tickettune")
 
 
 def read_csv(path: Path) -> list[tuple[str, str]]:
@@ -151,19 +153,27 @@ def main() -> int:
         for seed in args.seeds:
             train = sample(train_rows, k, seed)
             t0 = time.perf_counter()
-            predicted = frozen_methods(train, test_vectors, embed) if set(args.methods) - {"tickettune"} else {}
-            frozen_s = time.perf_counter() - t0 + embed_s
+            frozen = {"minilm-prototype", "minilm-logreg"} & set(args.methods)
+            predicted = frozen_methods(train, test_vectors, embed) if frozen else {}
+            seconds = dict.fromkeys(frozen, time.perf_counter() - t0 + embed_s)
             if "tickettune" in args.methods:
                 t0 = time.perf_counter()
                 predicted["tickettune"] = tickettune_method(train, test_texts, base, tokenizer, plan, seed,
                                                             args.budget_s)
-                tickettune_s = time.perf_counter() - t0
+                seconds["tickettune"] = time.perf_counter() - t0
+            if "setfit" in args.methods:  # at tickettune's cost on this cell
+                from setfit_baseline import setfit_predict
+
+                t0 = time.perf_counter()
+                predicted["setfit"] = setfit_predict([t for t, _ in train], [c for _, c in train], test_texts,
+                                                     seconds.get("tickettune", args.budget_s), seed)
+                seconds["setfit"] = time.perf_counter() - t0
             for method in args.methods:
                 accuracy = sum(p == g for p, g in zip(predicted[method], gold)) / len(gold)
-                seconds = tickettune_s if method == "tickettune" else frozen_s
+                seconds_ = seconds[method]
                 results.append({"method": method, "shots": k, "seed": seed, "accuracy": round(accuracy, 4),
-                                "seconds": round(seconds, 1)})
-                print(f"{method:17s} {k:>2}-shot seed {seed}: {accuracy:.4f} ({seconds:.0f} s)", file=sys.stderr)
+                                "seconds": round(seconds_, 1)})
+                print(f"{method:17s} {k:>2}-shot seed {seed}: {accuracy:.4f} ({seconds_:.0f} s)", file=sys.stderr)
     print(f"\n{data.name}: {len(test_rows)} test rows; mean over seeds {args.seeds} (per seed)\n")
     print("| method | " + " | ".join(f"{k}-shot" for k in args.shots) + " | seconds per fit |")
     print("| --- " * (len(args.shots) + 2) + "|")
