@@ -10,7 +10,7 @@ from tickettune.pipeline import budget
 from tickettune.pipeline.config import RunConfig
 from tickettune.pipeline.data import Example
 from tickettune.pipeline.fit import encoder_deadline
-from tickettune.pipeline.intent import choose_weights, heldout_queries
+from tickettune.pipeline.intent import choose_weights, ensemble_weights, heldout_queries
 
 
 def _experts(n_rows: int, copies: int, lm_right: bool = True):
@@ -27,15 +27,26 @@ def _experts(n_rows: int, copies: int, lm_right: bool = True):
 def test_the_lm_earns_its_weight_only_beyond_chance_over_rows_not_copies():
     experts, gold, rows = _experts(n_rows=2, copies=3)
     # per query (8 queries, all gaining) it looks significant; per row (2 rows) it is not
-    assert choose_weights(experts, gold)["lm"] > 0
-    assert choose_weights(experts, gold, rows=rows)["lm"] == 0.0
+    assert ensemble_weights(experts, gold, np.arange(len(gold)), True)["lm"] > 0
+    assert ensemble_weights(experts, gold, rows, True)["lm"] == 0.0
     experts, gold, rows = _experts(n_rows=6, copies=3)
-    assert choose_weights(experts, gold, rows=rows)["lm"] > 0
+    assert ensemble_weights(experts, gold, rows, True)["lm"] > 0
 
 
 def test_a_wrong_lm_gets_no_weight():
     experts, gold, rows = _experts(n_rows=6, copies=1, lm_right=False)
-    assert choose_weights(experts, gold, rows=rows) == {"proto": 1.0, "lm": 0.0}
+    assert ensemble_weights(experts, gold, rows, True) == {"proto": 1.0, "lm": 0.0}
+
+
+def test_the_heldout_rows_never_move_the_embedding_experts():
+    """However clearly 12 held-out rows favour the encoder, the run keeps the embedding experts equal
+    (moving them on such evidence lost on the desks not used to choose: bench/desks.py); the old rule,
+    `choose_weights`, would have moved them."""
+    gold = np.array([r % 2 for r in range(12)])
+    right = np.eye(2)[gold] == 1
+    experts = {"proto": np.log(np.where(right, 0.45, 0.55)), "encoder": np.log(np.where(right, 0.9, 0.1))}
+    assert ensemble_weights(experts, gold, np.arange(12), True) == {"proto": 1.0, "encoder": 1.0}
+    assert choose_weights(experts, gold, prior={"proto": 1.0, "encoder": 1.0}) != {"proto": 1.0, "encoder": 1.0}
 
 
 def test_heldout_queries_name_each_querys_row():
@@ -96,20 +107,17 @@ def test_without_replies_the_prototypes_are_not_weighed_and_the_prior_is_the_enc
     assert "proto" not in names and prior_weights(names, replies_said=False) == {"encoder": 1.0, "logreg": 1.0}
     assert choose_weights(experts, gold, prior=prior_weights(names, False)) == {"encoder": 1.0, "logreg": 1.0}
     with_replies = weighed_experts(replies_said=True, encoder=True)
-    assert "proto" in with_replies and prior_weights(with_replies, True) == {"proto": 1.0}
+    assert "proto" in with_replies and prior_weights(with_replies, True) == {"proto": 1.0, "logreg": 1.0, "encoder": 1.0}
 
 
-@pytest.mark.parametrize("rows_per_intent, prior", [
-    (1, {"proto": 1.0, "logreg": 1.0, "encoder": 1.0, "lm": 0.0}),   # a prototype would be one row
-    (2, {"proto": 1.0, "lm": 0.0}),
-])
-def test_with_nothing_held_out_one_row_per_intent_counts_every_embedding_expert(rows_per_intent, prior):
-    """With no held-out rows the prior stands: the prototypes alone, unless every intent has a single row,
-    where the prototypes fell 0.02-0.08 below the experts counted equally on all four support sets (README)."""
+@pytest.mark.parametrize("rows_per_intent", [1, 2])
+def test_with_nothing_held_out_every_embedding_expert_counts_equally_and_the_lm_not_at_all(rows_per_intent):
+    """With no held-out rows (here: too few rows to hold any out) the LM's worth is unknown: weight 0;
+    the embedding experts count equally, as they do everywhere."""
     from tickettune.pipeline.fit import calibrate
 
     examples = [Example(f"r{i}{j}", f"ticket {i} {j}", f"intent.{i}", f"reply {i}")
                 for i in range(3) for j in range(rows_per_intent)]
     index = SimpleNamespace(examples=examples, labels=tuple(sorted({e.intent for e in examples})))
     model = SimpleNamespace(config=RunConfig.for_plan("cpu", {}), index=index, encoder=object())
-    assert calibrate(model, held=set(), lm_trained=True) == prior
+    assert calibrate(model, held=set(), lm_trained=True) == {"proto": 1.0, "logreg": 1.0, "encoder": 1.0, "lm": 0.0}

@@ -5,8 +5,8 @@ Phases, in order (each a call below, none hidden in a callback):
    this machine's costs (`measure_costs`);
 2. fine-tune the intent encoder, for the share of the time the budget leaves it (`encoder_deadline`);
 3. train the *intent* adapter on ticket -> label (+ noisy copies), never on the held-out rows;
-4. calibrate: score the held-out rows (+ noisy copies) with every expert, and choose the ensemble's
-   weights by their log-likelihood (`intent.choose_weights`; the LM must earn its weight beyond chance);
+4. calibrate: the embedding experts count equally; the LM, scored on the held-out rows (+ noisy
+   copies), must earn its weight there beyond chance (`intent.ensemble_weights`);
 5. train the *reply* adapter on retrieved replies + ticket -> ideal reply, also never on the
    held-out rows;
 6. choose the reply policy from evidence the run measures itself (`replies`): how many sentences
@@ -234,22 +234,19 @@ def _seconds(work) -> float:
 
 
 def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str, float]:
-    """The intent ensemble's weights, chosen on the held-out rows (and noisy copies of them), which
-    the encoder, its head and the intent adapter never saw; the frozen experts are refitted without
-    them. The experts are `intent.weighed_experts` (the prototypes only when the desk's replies are
-    there) and the LM; the weights move away from `intent.prior_weights` (the prototypes alone when
-    the desk's replies are there, else the encoder and the frozen linear head equally; every
-    embedding expert equally when each intent has one train row) only on evidence beyond chance
-    (`intent.choose_weights`). Without held-out rows there is nothing to measure: the prior stands
-    and the LM, whose worth is unknown, gets no weight.
+    """The intent ensemble's weights (`intent.ensemble_weights`): the embedding experts
+    (`intent.weighed_experts`: the prototypes only when the desk's replies are there) at equal
+    weight, and the LM at a weight its held-out scores earn beyond chance, or 0. The held-out rows
+    (and noisy copies of them) were never seen by the encoder, its head or the intent adapter; the
+    frozen experts are refitted without them. Without held-out rows there is nothing to measure:
+    the LM, whose worth is unknown, gets no weight.
     `infer.calibrate_lm_weight` false fixes the LM's weight at `infer.lm_weight`."""
     cfg, index = model.config, model.index
     fixed_lm = None if cfg.infer.calibrate_lm_weight else cfg.infer.lm_weight
     replies_said = any(e.ideal_reply.strip() for e in index.examples)
     names = intent.weighed_experts(replies_said, model.encoder is not None)
-    if not held or len(index.labels) < 2:  # (held-out rows imply an intent with two rows: never one row each)
-        one_row_each = len(index.labels) == len(index.examples)
-        return intent.prior_weights(names, replies_said, one_row_each) | {
+    if not held or len(index.labels) < 2:
+        return intent.prior_weights(names, replies_said) | {
             "lm": fixed_lm if fixed_lm is not None and lm_trained else 0.0}
     texts, gold, rows = intent.heldout_queries(list(index.examples), held, cfg.train.augment_copies, cfg.seed)
     rest, vectors = index.without(held), embed(texts)
@@ -261,10 +258,9 @@ def calibrate(model: TicketModel, held: set[int], lm_trained: bool) -> dict[str,
         with modeling.autocast(model.plan), modeling.adapter(model.model, modeling.INTENT_ADAPTER):
             experts["lm"] = intent.score_labels(model.model, model.tokenizer, texts, list(index.labels),
                                                 cfg.infer.score_batch_size, cfg.infer.list_labels, only=only)
-    prior = intent.prior_weights(list(experts), replies_said)
-    weights = intent.choose_weights(experts, gold, rows=rows, prior=prior)
-    if fixed_lm is not None:
-        weights["lm"] = fixed_lm if lm_trained else 0.0
+    weights = intent.ensemble_weights(experts, gold, rows, replies_said)
+    if fixed_lm is not None or "lm" not in weights:
+        weights["lm"] = fixed_lm if fixed_lm is not None and lm_trained else 0.0
     accuracy = {n: round(float((e.argmax(1) == gold).mean()), 3) for n, e in experts.items()}
     log.info("intent ensemble: weights %s (held-out accuracy alone: %s over %d queries)", weights, accuracy, len(gold))
     return weights
