@@ -215,7 +215,7 @@ def test_a_val_loss_that_nothing_could_measure_is_none_in_the_history(tiny_model
     model = _lora(tiny_model)
     seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], i) for i in range(4)]
     try:
-        done = train(model, tokenizer, seqs, {0}, TrainConfig(batch_size=2), 1, 0, join=False)
+        done = train(model, tokenizer, seqs, {0}, TrainConfig(batch_size=2), 1, 0)
     finally:
         model.unload()
     assert [h["val_loss"] for h in done.history if "val_loss" in h] == [None]

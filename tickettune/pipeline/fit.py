@@ -76,7 +76,7 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     if schedule.intent_epochs:
         with modeling.adapter(model, modeling.INTENT_ADAPTER):
             parts.append(train.train(model, tokenizer, _rows(seqs, "intent", schedule, held), held,
-                                     epochs=schedule.intent_epochs, join=False, task="intent",
+                                     epochs=schedule.intent_epochs, task="intent",
                                      deadline=_reserve_end(deadline, schedule), **run))
     lm_trained = bool(parts and parts[0].steps)
     trained.weights = calibrate(trained, held, lm_trained)
@@ -90,7 +90,7 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     if schedule.reply_epochs and _rows(seqs, "reply", schedule, held):
         with modeling.adapter(model, modeling.REPLY_ADAPTER):
             parts.append(train.train(model, tokenizer, _rows(seqs, "reply", schedule, held), held,
-                                     epochs=schedule.reply_epochs, join=False, task="reply",
+                                     epochs=schedule.reply_epochs, task="reply",
                                      deadline=_reserve_end(deadline, schedule), **run))
     result = train.combine(parts)
     log.info("%d steps, %d tokens, train_loss %.4f, val_loss %.4f (%d held-out rows), ensemble weights %s",

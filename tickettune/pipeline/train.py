@@ -6,14 +6,11 @@ learns ticket + retrieved reference replies -> the ideal reply for `reply_epochs
 sequences are ~5x longer: this is where CPU time goes). Loss is on the assistant turn only.
 
 val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row) is
-held out. The intent adapter never trains on it: its loss there is measured at the end, and the
-same rows calibrate the ensemble (see `fit.calibrate`) — the embedding classifier
-and the reply adapter still use every row, so the taxonomy loses nothing. The reply adapter
-leaves the slice out of its first epoch only, measures its loss after that epoch, and then
-trains on every row (with 2-3 rows per intent, a reply row kept out for good costs facts).
-val_loss is the token-weighted mean of the two. The final adapter thus sees every row (with 2-3 rows per intent,
-keeping rows out for good costs accuracy) while val_loss is still measured on rows the adapter
-had not trained on. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
+held out, and neither adapter ever trains on it: each adapter's loss there is measured at the end,
+and val_loss is the token-weighted mean of the two. The same rows decide whether the LM enters the
+intent ensemble (`fit.calibrate`) and whether replies are generated (`fit.choose_reply_policy`);
+the retrieval index, the prototypes and the encoder's final head still use every row, so the
+taxonomy loses nothing. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
 progressive loss of epoch 1: each batch's loss taken before the optimiser step that uses it.
 """
 
@@ -173,11 +170,9 @@ def _weighted(pairs: list[tuple[float, int]]) -> float:
 
 
 def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, epochs: int, seed: int,
-          deadline: float | None = None, autocast=contextlib.nullcontext, join: bool = True,
-          task: str = "intent") -> TrainResult:
-    """Run the LoRA loop over `seqs` on the active adapter. Rows in `held` join after epoch 1 when
-    `join` (val_loss measured then), else never (val_loss measured at the end). Stops at
-    `deadline` (monotonic s).
+          deadline: float | None = None, autocast=contextlib.nullcontext, task: str = "intent") -> TrainResult:
+    """Run the LoRA loop over `seqs` on the active adapter, never on the rows in `held` (their loss,
+    measured at the end, is the val_loss). Stops at `deadline` (monotonic s).
 
     `autocast()` wraps the forward passes only: with the optimiser step inside a CPU bf16 autocast
     region the adapter did not learn at all (loss flat at ~7), while forward-only autocast matches
@@ -188,11 +183,10 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     rng = random.Random(seed)
-    first = [s for s in seqs if s.row not in held]
+    trained = [s for s in seqs if s.row not in held]
     held_seqs = [s for s in seqs if s.row in held]
-    later = seqs if join else first
     # batches are drawn per epoch (seeded), so the step count is known before training starts
-    plan = [batches(first if e == 0 else later, cfg.batch_size, rng, cfg.max_batch_tokens) for e in range(epochs)]
+    plan = [batches(trained, cfg.batch_size, rng, cfg.max_batch_tokens) for _ in range(epochs)]
     total = sum(len(p) for p in plan)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -237,7 +231,7 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
         last = epoch == epochs - 1 or step >= total or stopped
-        if held_seqs and step and ((join and epoch == 0) or (not join and last)):  # an untrained adapter: no val_loss
+        if held_seqs and step and last:  # an untrained adapter: no val_loss
             with autocast():
                 val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
             history.append({"step": step, "epoch": epoch + 1, "task": task,
