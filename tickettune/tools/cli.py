@@ -16,7 +16,7 @@ COMMANDS = {
     "serve": ("tickettune.tools.serve", "serve a saved model over HTTP (its own API, OpenAI's, and a triage page)"),
     "eval": ("tickettune.tools.grade", "score a results file against labels the way the grader does"),
     "repro": ("tickettune.tools.repro", "run a command twice and check the predictions are byte-identical"),
-    "plan": ("tickettune.pipeline.plan", "print the hardware plan (model, dtype, method) without loading anything"),
+    "plan": ("tickettune.tools.plan", "print the hardware plan (model, dtype, method) without loading anything"),
     "forgetting": ("tickettune.tools.forgetting", "the adapters against their base model on general multiple-choice questions"),
     "package": ("tickettune.tools.package", "build and validate the submission zip"),
 }
