@@ -59,7 +59,8 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
     caller, who owns the clock, fills in `training.wall_clock_s`."""
     examples = list(index.examples)
     held = train.holdout_rows(examples, cfg.train.holdout_frac, cfg.seed, cfg.train.holdout_max)
-    trained = TicketModel(plan, cfg, None, tokenizer, index, {}, load_embedder().name)
+    trained = TicketModel(plan=plan, config=cfg, model=None, tokenizer=tokenizer, index=index, weights={},
+                          embedder=load_embedder().name)
     modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
     model = trained.model = modeling.add_lora(base, cfg.train)
     seqs = train.build_sequences(examples, tokenizer, cfg.train, reference_replies(trained, cfg.infer.n_references),

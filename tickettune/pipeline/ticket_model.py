@@ -54,7 +54,7 @@ class WeightsError(RuntimeError):
     """A weights folder that is missing, incomplete, or written by an incompatible version."""
 
 
-@dataclass
+@dataclass(kw_only=True)  # eleven fields: built by name, never by position
 class TicketModel:
     plan: Plan                  # base model, device, dtype, method (the plan that actually loaded)
     config: RunConfig
@@ -266,10 +266,10 @@ class TicketModel:
         model = modeling.load_adapter(base, folder)
         encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length, config.encoder.model) \
             if meta.get("intent_encoder") else None
-        return cls(plan, config, model, tokenizer, index, {k: float(v) for k, v in meta["ensemble_weights"].items()},
-                   meta["embedder"],
-                   stats_from_record(meta.get("training")),
-                   {k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
+        return cls(plan=plan, config=config, model=model, tokenizer=tokenizer, index=index,
+                   weights={k: float(v) for k, v in meta["ensemble_weights"].items()}, embedder=meta["embedder"],
+                   training=stats_from_record(meta.get("training")),
+                   info={k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
                    reply_policy=ReplyPolicy(**meta["reply_policy"]), encoder=encoder)
 
 
