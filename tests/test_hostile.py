@@ -94,7 +94,7 @@ def test_a_failing_row_gets_a_safe_reply_and_the_rest_are_generated(caplog):
     assert len(out) == 4
     assert [g.text for g in out] == ["7 7", None, "7 7", "7 7"]
     assert out[0].finished and out[0].new_tokens == 3
-    assert "retrying in halves" in caplog.text and "using the safe reply" in caplog.text
+    assert "retrying in halves" in caplog.text and "it gets the safe default" in caplog.text
 
 
 def test_no_trust_remote_code_anywhere():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from tickettune.pipeline.modeling import free_memory, out_of_memory_error
+from tickettune.pipeline.modeling import halving_on_oom
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +67,10 @@ def balanced_batches(n: int, max_size: int) -> list[tuple[int, int]]:
 def _generate_or_split(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
                        stop_ids: list[int]) -> list[Generated]:
     """`_generate_batch`, halving the batch when it runs out of memory; a single row that still does
-    not fit is reported (text None). Any other error is a real fault and propagates."""
-    try:
-        return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
-    except (out_of_memory_error(), MemoryError):
-        pass  # handled below, outside the handler, so that the traceback's KV cache can be freed
-    free_memory()
-    if len(batch) == 1:
-        log.warning("generation ran out of memory for one row: using the safe reply")
-        return [Generated(None, len(batch[0]), 0, False, 0.0)]
-    half = len(batch) // 2
-    log.warning("generation ran out of memory for a batch of %d: retrying in halves", len(batch))
-    return (_generate_or_split(model, tokenizer, batch[:half], max_new_tokens, stop_ids)
-            + _generate_or_split(model, tokenizer, batch[half:], max_new_tokens, stop_ids))
+    not fit is reported (text None: the caller gives it the safe reply). Any other error is a real
+    fault and propagates."""
+    return halving_on_oom(lambda part: _generate_batch(model, tokenizer, part, max_new_tokens, stop_ids), batch,
+                          lambda row: Generated(None, len(row), 0, False, 0.0), "generation")
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int,

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from tickettune.pipeline.modeling import free_memory, out_of_memory_error
+from tickettune.pipeline.modeling import halving_on_oom
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,9 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
 
 def _score_or_split(model, chunk: list[tuple[list[int], list[list[int]]]], pad_id: int, desc: str) -> list[np.ndarray]:
     """`_score_chunk`, halving the batch when it runs out of memory; a single prompt that still does
-    not fit gets zeros for every continuation."""
-    try:
-        return _score_chunk(model, chunk, pad_id)
-    except out_of_memory_error():
-        pass  # handled outside the handler, so that the traceback's tensors can be freed
-    free_memory()
-    if len(chunk) == 1:
-        log.warning("%s ran out of memory for one prompt: its continuations get equal scores", desc)
-        return [np.zeros(len(chunk[0][1]))]
-    half = len(chunk) // 2
-    log.warning("%s ran out of memory for %d prompts: retrying in halves", desc, len(chunk))
-    return _score_or_split(model, chunk[:half], pad_id, desc) + _score_or_split(model, chunk[half:], pad_id, desc)
+    not fit gets zeros for every continuation (equal scores)."""
+    return halving_on_oom(lambda part: _score_chunk(model, part, pad_id), chunk, lambda pair: np.zeros(len(pair[1])),
+                          desc)
 
 
 def _score_chunk(model, chunk: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[np.ndarray]:

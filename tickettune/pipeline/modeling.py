@@ -157,6 +157,31 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def halving_on_oom(run, items: list, single, what: str) -> list:
+    """`run(items)` (one result per item), halving `items` while they run out of memory; an item that
+    does not fit alone gets `single(item)`. The one out-of-memory rule of batched inference (label
+    scoring, generation): the batch shrinks, no row is lost. Any other error propagates.
+
+    >>> def run(items):
+    ...     if len(items) > 2:
+    ...         raise MemoryError
+    ...     return [x * 10 for x in items]
+    >>> halving_on_oom(run, [1, 2, 3, 4, 5], lambda x: None, "a test")
+    [10, 20, 30, 40, 50]
+    """
+    try:
+        return run(items)
+    except (out_of_memory_error(), MemoryError):
+        pass  # handled outside the handler, so that the traceback's tensors can be freed
+    free_memory()
+    if len(items) == 1:
+        log.warning("%s ran out of memory for one row: it gets the safe default", what)
+        return [single(items[0])]
+    half = len(items) // 2
+    log.warning("%s ran out of memory for %d rows: retrying in halves", what, len(items))
+    return halving_on_oom(run, items[:half], single, what) + halving_on_oom(run, items[half:], single, what)
+
+
 INTENT_ADAPTER = "default"   # saved at the root of --weights: adapter_config.json + adapter_model.safetensors
 REPLY_ADAPTER = "reply"      # saved in --weights/reply/
 
