@@ -202,7 +202,9 @@ def expert_scores(desk: Desk, cfg, cache: Path | None) -> dict:
     """Per desk: the held-out queries' and the val rows' log-probabilities from each embedding expert
     (as `fit.calibrate` and `TicketModel.predict` compute them), the nearest train ticket of each val
     row, and the encoder's seconds. Cached under `cache` by the desk's content."""
-    path = cache / f"{desk.name.replace('/', '_')}-{desk.digest()}.npz" if cache else None
+    from tickettune.pipeline.embeddings import selected_encoder
+
+    path = cache / f"{desk.name.replace('/', '_')}-{selected_encoder()}-{desk.digest()}.npz" if cache else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -298,7 +300,6 @@ def intent_metrics(desk: Desk, predicted: list[str]) -> dict:
 def reply_methods(desk: Desk, intents: list[str], nearest: np.ndarray) -> dict:
     """The reply baselines and the run's composition, with the `run` rule's intents."""
     from tickettune.pipeline import replies
-    from tickettune.pipeline.embeddings import embed
 
     train = desk.train
     bank = replies.ReplyBank([e.intent for e in train], [e.ticket for e in train], [e.ideal_reply for e in train],
@@ -316,25 +317,29 @@ def reply_methods(desk: Desk, intents: list[str], nearest: np.ndarray) -> dict:
     return out
 
 
-_VECTORS: dict[str, np.ndarray] = {}
+_VECTORS: dict[tuple[str, str], np.ndarray] = {}
 
 
-def embed_once(texts: list[str]) -> np.ndarray:
-    """`embeddings.embed`, each distinct text embedded once per process (methods share most replies)."""
-    from tickettune.pipeline.embeddings import embed
+def embed_once(texts: list[str], choice: str | None = None) -> np.ndarray:
+    """`embeddings.embed` with the encoder `choice` (default: the run's), each distinct text embedded
+    once per process (methods share most replies)."""
+    from tickettune.pipeline.embeddings import embed, selected_encoder
 
-    todo = list(dict.fromkeys(t for t in texts if t not in _VECTORS))
+    choice = choice or selected_encoder()
+    todo = list(dict.fromkeys(t for t in texts if (choice, t) not in _VECTORS))
     if todo:
-        _VECTORS.update(zip(todo, embed(todo)))
-    return np.stack([_VECTORS[t] for t in texts]) if texts else embed([])
+        _VECTORS.update(zip(((choice, t) for t in todo), embed(todo, choice=choice)))
+    return np.stack([_VECTORS[choice, t] for t in texts]) if texts else embed([], choice=choice)
 
 
 def reply_metrics(desk: Desk, replies_: list[str]) -> dict:
     """`tickettune eval`'s offline reply score (`judge.offline_scores`: the MiniLM cosine to the ideal
     reply, clipped to [0, 1]) and must-mention rate."""
     from tickettune.tools.evaluate import forbidden_found, mentions, row_reply_score
+    from tickettune.tools.judge import JUDGE_ENCODER
 
-    cos = (embed_once([lab.ideal_reply for lab in desk.labels]) * embed_once(replies_)).sum(axis=1)
+    judge = JUDGE_ENCODER  # the offline judge is MiniLM whatever the run's encoder
+    cos = (embed_once([lab.ideal_reply for lab in desk.labels], judge) * embed_once(replies_, judge)).sum(axis=1)
     sims = [float(min(max(c, 0.0), 1.0)) for c in cos]
     rows, must = [], []
     for lab, r, s in zip(desk.labels, replies_, sims):
@@ -514,8 +519,9 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [("run", "prior=equal,move=never", "intent"), ("run", "knn", "intent"), ("compose", "copy", "reply"),
-             ("compose", "knn-copy", "reply")]
+    pairs = [("run", "prior=proto,move=never", "intent+probes"), ("run", "knn", "intent+probes"),
+             ("run", "setfit", "intent+probes"), ("compose", "copy", "reply"), ("compose", "knn-copy", "reply")]
+    pairs = [pr for pr in pairs if any(pr[1] in r["methods"] for r in results)]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 4), sharey=False)
     for ax, (m, b, metric) in zip(axes, pairs):
         for half, colour in (("choose", "tab:grey"), ("report", "tab:blue")):
@@ -537,6 +543,7 @@ def main() -> int:
     p.add_argument("--no-fixed", action="store_true", help="leave out the data/ sets")
     p.add_argument("--full", action="store_true", help="run.py itself on the desks with replies (slow: minutes each)")
     p.add_argument("--only", nargs="+", default=None, help="full mode: these desks only (names as printed)")
+    p.add_argument("--tables-only", action="store_true", help="full mode: print the tables of the --json saved before")
     p.add_argument("--setfit", action="store_true", help="add SetFit, given the encoder's seconds on each desk")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "desks", help="expert scores per desk")
     p.add_argument("--config", default=None, help="settings JSON as run.py --config (tiny settings for a smoke test)")
@@ -544,6 +551,7 @@ def main() -> int:
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
     from tickettune.pipeline.config import RunConfig
+    from tickettune.pipeline.embeddings import selected_encoder
 
     cfg = RunConfig.for_plan("cpu", json.loads(Path(args.config).read_text()) if args.config else {})
     desks = draw(args.bitext, args.banking, not args.no_fixed)
@@ -564,10 +572,26 @@ def main() -> int:
     print(f"\n{len(desks)} desks in {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": cfg.to_dict(), "results": results}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"config": cfg.to_dict(), "encoder": selected_encoder(), "results": results},
+                                        indent=1) + "\n")
     if args.plot:
         plot(results, args.plot)
     return 0
+
+
+REPLY_RULES = ("compose", "t-test", "mean gain > 0", "generate")  # simplest first (compose needs no model)
+
+
+def reply_policy_rules(result: dict) -> dict:
+    """Each reply-policy rule's replies on one full-mode desk, scored: the rule sees the run's own
+    held-out pairs (generated vs composed proxy quality) and picks the val replies of one source."""
+    from tickettune.pipeline.intent import significant_gain
+
+    gains = np.array([g - c for g, c in result["facts"]["heldout_pairs"]])
+    pick = {"compose": "retrieve", "generate": "generate",
+            "t-test": "generate" if significant_gain(gains) else "retrieve",
+            "mean gain > 0": "generate" if len(gains) and gains.mean() > 0 else "retrieve"}
+    return {f"policy: {rule}": result["methods"][f"reply: {pick[rule]}"] for rule in REPLY_RULES}
 
 
 def main_full(desks: list[Desk], args) -> int:
@@ -575,6 +599,8 @@ def main_full(desks: list[Desk], args) -> int:
 
     chosen = [d for d in desks if d.has_replies and (args.only is None or d.name in args.only)]
     results = []
+    if args.tables_only:  # the tables of a full run saved before (the runs take minutes each)
+        results, chosen = json.loads(args.json.read_text())["results"], []
     with tempfile.TemporaryDirectory() as tmp:
         for desk in chosen:
             r = full_desk(desk, Path(tmp), args.config)
@@ -587,6 +613,8 @@ def main_full(desks: list[Desk], args) -> int:
             if args.json:  # after every desk: a long run keeps what it measured
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"mode": "full", "results": results}, indent=1) + "\n")
+    for r in results:
+        r["methods"] |= reply_policy_rules(r)
     for half in ("choose", "report"):
         rs = [r for r in results if r["half"] == half]
         if rs:
@@ -595,6 +623,12 @@ def main_full(desks: list[Desk], args) -> int:
             for metric in ("intent", "probes", "reply", "must_mention"):
                 print(table(rs, [m for m in methods if rs[0]["methods"][m].get(metric) is not None], metric,
                             ["run.py", "reply: retrieve"]) + "\n")
+    _, text = decide(results, "the reply policy", lambda r: True, [f"policy: {rule}" for rule in REPLY_RULES], "reply")
+    _, lm = decide(results, "the LM's entry into the intent ensemble", lambda r: True,
+                   ["run.py without LM", "run.py"], "intent+probes")
+    print("\n## Decisions\n\n" + text + "\n\n" + lm)
+    if args.json:
+        args.json.write_text(json.dumps({"mode": "full", "results": results}, indent=1) + "\n")
     return 0
 
 
