@@ -29,7 +29,8 @@ def tokenizer():
     return tok
 
 
-TINY = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 8}, "infer": {"max_new_tokens": 12}}
+# generation forced on: the runs that share it test the generating path end to end (the CPU plan composes by default)
+TINY = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 8}, "infer": {"max_new_tokens": 12, "reply_source": "generate"}}
 
 
 def child_env(**extra: str) -> dict:

@@ -159,8 +159,10 @@ def test_with_nothing_held_out_the_run_generates_and_says_why():
     examples = [Example(f"r{i}", f"ticket {i}", f"intent.{i}", f"Reply {i}.") for i in range(3)]
     bank = ReplyBank([e.intent for e in examples], [e.ticket for e in examples], [e.ideal_reply for e in examples],
                      np.eye(3), np.eye(3), embed=None)
-    model = SimpleNamespace(bank=bank, index=SimpleNamespace(examples=examples), config=RunConfig.for_plan("cpu", {}))
+    model = SimpleNamespace(bank=bank, index=SimpleNamespace(examples=examples), config=RunConfig.for_plan("cuda", {}))
     policy = choose_reply_policy(model, held=set())
     assert policy.source == "generate" and "no held-out rows" in policy.evidence["source"]
-    forced = SimpleNamespace(**{**vars(model), "config": RunConfig.for_plan("cpu", {"infer": {"reply_source": "retrieve"}})})
+    forced = SimpleNamespace(**{**vars(model), "config": RunConfig.for_plan("cuda", {"infer": {"reply_source": "retrieve"}})})
     assert choose_reply_policy(forced, held=set()).source == "retrieve"
+    cpu = SimpleNamespace(**{**vars(model), "config": RunConfig.for_plan("cpu", {})})  # the CPU plan composes by default
+    assert choose_reply_policy(cpu, held=set()).source == "retrieve"
