@@ -132,3 +132,35 @@ def test_forgetting_scores_the_base_and_both_adapters(two_runs, tmp_path):
     for scores in [summary["base"]] + list(summary["adapters"].values()):
         assert 0.0 <= scores["acc"] <= 1.0 and 0.0 <= scores["acc_norm"] <= 1.0
     assert "| base |" in proc.stdout and "+ reply adapter" in proc.stdout
+
+
+def test_a_model_that_composes_loads_without_its_lm_and_predicts_alike(two_runs, tmp_path):
+    """A weights folder whose replies are composed and whose LM has no intent weight loads without the
+    LM (predict never touches it), predicts as a full load does, and loads the LM on first need."""
+    import shutil
+    from dataclasses import replace
+
+    from tickettune.pipeline.data import load_val
+    from tickettune.pipeline.ticket_model import TicketModel
+
+    (_, _, weights), _, _, _ = two_runs
+    lean = tmp_path / "lean"
+    shutil.copytree(weights, lean)
+    meta = json.loads((lean / "tickettune.json").read_text())
+    meta["reply_policy"]["source"], meta["ensemble_weights"]["lm"] = "retrieve", 0.0
+    (lean / "tickettune.json").write_text(json.dumps(meta))
+    tickets = load_val(weights.parents[1] / "val.jsonl")
+
+    model = TicketModel.load(lean, device="cpu")
+    assert model.model is None and model.load_lm is not None          # no LM in memory
+    lean_predictions, _ = model.predict(tickets)
+    assert model.model is None                                        # and predict did not need one
+    full = TicketModel.load(weights, device="cpu")
+    full.reply_policy, full.weights = model.reply_policy, model.weights
+    def answers(predictions):  # all but latency_ms, a measured time
+        return [(p.id, p.predicted_intent, p.prediction, p.tokens_used) for p in predictions]
+
+    assert answers(lean_predictions) == answers(full.predict(tickets)[0])
+    model.reply_policy = replace(model.reply_policy, source="generate")
+    generated, _ = model.predict(tickets[:2])                         # the LM loads now
+    assert model.model is not None and model.load_lm is None and len(generated) == 2

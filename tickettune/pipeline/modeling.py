@@ -267,6 +267,18 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+def load_tokenizer(folder: str | Path):
+    """The tokenizer a weights folder saved, prepared as `load_base` prepares the base model's (pad token,
+    left padding): what prediction needs when it does not need the LM itself."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load_adapter(base_model, weights_dir: str | Path):
     """The saved adapters on `base_model`, ready for prediction: `PeftModel.from_pretrained`
     (the intent adapter at the root), plus the reply adapter from its subfolder when present."""

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,6 +68,7 @@ class TicketModel:
     history: list[dict] = field(default_factory=list)  # its loss curve, saved as loss_history.json
     reply_policy: ReplyPolicy = field(default_factory=ReplyPolicy)  # generate or compose, chosen by the run
     encoder: IntentEncoder | None = None  # the fine-tuned intent encoder (None: disabled or unavailable)
+    load_lm: Callable | None = field(default=None, repr=False, compare=False)  # `model` not loaded yet: loads it
 
     @property
     def labels(self) -> list[str]:
@@ -152,8 +153,9 @@ class TicketModel:
         if self.encoder is not None:
             experts["encoder"] = self.encoder.logprobs(raw)
         if self.weights.get("lm", 0.0) > 0 and len(labels) > 1:
-            with modeling.adapter(self.model, modeling.INTENT_ADAPTER):
-                experts["lm"] = score_labels(self.model, self.tokenizer, tickets, labels, cfg.score_batch_size,
+            net = self.language_model()
+            with modeling.adapter(net, modeling.INTENT_ADAPTER):
+                experts["lm"] = score_labels(net, self.tokenizer, tickets, labels, cfg.score_batch_size,
                                              cfg.list_labels, only=candidates(experts, self.weights))
         chosen = combine(experts, self.weights)
         probs = np.exp(log_softmax(ensemble(experts, self.weights)))
@@ -174,6 +176,7 @@ class TicketModel:
         if policy.source != "generate":
             detail = f"composed from the desk's replies (+{policy.extra_sentences} sentences at most)"
             return [(None, Grounded(c, "retrieved", detail)) for c in composed]
+        net = self.language_model()  # (a policy switched to "generate" after a lean load: the LM loads now)
         refs = [[bank.reference(i, raw) for i in rows[:KEY_FACT_REFERENCES]]
                 for rows, raw in zip(ranked, raw_tickets)]
         prompt_ids = [prompts.render(self.tokenizer, prompts.reply_messages(t, r[:cfg.n_references]))[0]
@@ -182,9 +185,9 @@ class TicketModel:
         use = modeling.merged if cfg.merge_adapter else modeling.adapter
         measured = (self.info.get("budget") or {}).get("costs") or {}  # this run's own speed, when measured
         batch_s = measured.get("generate_s_per_reply", 0.0) * min(cfg.gen_batch_size, len(prompt_ids))
-        with use(self.model, modeling.REPLY_ADAPTER):
-            generated = generate(self.model, self.tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
-                                 modeling.end_of_turn_ids(self.model, self.tokenizer), deadline, batch_s)
+        with use(net, modeling.REPLY_ADAPTER):
+            generated = generate(net, self.tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
+                                 modeling.end_of_turn_ids(net, self.tokenizer), deadline, batch_s)
         seconds, new_tokens = time.perf_counter() - t0, sum(g.new_tokens for g in generated)
         log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", seconds, new_tokens,
                  new_tokens / max(seconds, 1e-9))
@@ -261,16 +264,32 @@ class TicketModel:
             raise WeightsError(f"{folder / EXAMPLES_FILE}: its intents do not match the taxonomy in {META_FILE}")
         config = encoder_of(meta["embedder"], config)
         check_embedder(meta["embedder"], folder, config.encoder.model, vectors["tickets"].shape[1])
-        modeling.seed_everything(config.seed, plan.device)
-        base, tokenizer = modeling.load_base(plan)
-        model = modeling.load_adapter(base, folder)
+        weights = {k: float(v) for k, v in meta["ensemble_weights"].items()}
+        policy = ReplyPolicy(**meta["reply_policy"])
+
+        def load_lm():  # the base model and the adapters (the bundled GGUF's conversion: most of a load)
+            modeling.seed_everything(config.seed, plan.device)
+            base, tokenizer = modeling.load_base(plan)
+            return modeling.load_adapter(base, folder), tokenizer
+
+        if weights.get("lm", 0.0) > 0 or policy.source == "generate":
+            (model, tokenizer), later = load_lm(), None
+        else:  # the LM scores nothing and writes nothing: its tokenizer (saved here) is all predict needs
+            model, tokenizer, later = None, modeling.load_tokenizer(folder), load_lm
         encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length, config.encoder.model) \
             if meta.get("intent_encoder") else None
-        return cls(plan=plan, config=config, model=model, tokenizer=tokenizer, index=index,
-                   weights={k: float(v) for k, v in meta["ensemble_weights"].items()}, embedder=meta["embedder"],
-                   training=stats_from_record(meta.get("training")),
+        return cls(plan=plan, config=config, model=model, tokenizer=tokenizer, index=index, weights=weights,
+                   embedder=meta["embedder"], training=stats_from_record(meta.get("training")),
                    info={k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
-                   reply_policy=ReplyPolicy(**meta["reply_policy"]), encoder=encoder)
+                   reply_policy=policy, encoder=encoder, load_lm=later)
+
+    def language_model(self):
+        """The LoRA-tuned LM (a PeftModel), loaded on first use when `load` could leave it out (a model
+        whose replies are composed and whose LM has no intent weight: `predict` never touches it)."""
+        if self.model is None and self.load_lm is not None:
+            self.model, self.tokenizer = self.load_lm()
+            self.load_lm = None
+        return self.model
 
 
 def check_vectors(folder: Path, vectors: dict, rows: int, intents: int) -> None:

@@ -135,17 +135,18 @@ def score_models(model, questions: list[Question], batch_size: int) -> tuple[dic
     from tickettune.pipeline import modeling
     from tickettune.pipeline.likelihood import continuation_logprobs
 
+    net = model.language_model()  # a lean load leaves the LM out until it is needed
     encoded = [encode(model.tokenizer, q) for q in questions]
     # batches of similar lengths waste little on padding; the scores go back to question order
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
     prompts, options = [encoded[i][0] for i in order], [encoded[i][1] for i in order]
-    names = [n for n in (modeling.INTENT_ADAPTER, modeling.REPLY_ADAPTER) if n in model.model.peft_config]
-    runs = {"base": model.model.disable_adapter()} | {n: modeling.adapter(model.model, n) for n in names}
+    names = [n for n in (modeling.INTENT_ADAPTER, modeling.REPLY_ADAPTER) if n in net.peft_config]
+    runs = {"base": net.disable_adapter()} | {n: modeling.adapter(net, n) for n in names}
     results, seconds = {}, {}
     for name, context in runs.items():
         t0 = time.perf_counter()
         with context, modeling.autocast(model.plan):
-            sorted_scores = continuation_logprobs(model.model, prompts, options, model.tokenizer.pad_token_id,
+            sorted_scores = continuation_logprobs(net, prompts, options, model.tokenizer.pad_token_id,
                                                   batch_size, desc=f"forgetting {name}")
         scores = [np.empty(0)] * len(questions)
         for i, s in zip(order, sorted_scores):
