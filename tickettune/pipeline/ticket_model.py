@@ -62,7 +62,7 @@ class TicketModel:
     tokenizer: Any
     index: RetrievalIndex
     weights: dict[str, float]   # the intent ensemble's weight per expert: encoder, proto, lm (`intent`)
-    embedder: str               # the sentence encoder that embedded the index (`embeddings.Encoder.name`)
+    embedder: str               # the sentence encoder that embedded the index (`embeddings.SentenceEmbedder.name`)
     training: TrainingStats | None = None  # the training block of the run that made it
     info: dict = field(default_factory=dict)  # facts of that run, saved: held-out rows, early stop
     history: list[dict] = field(default_factory=list)  # its loss curve, saved as loss_history.json
