@@ -24,7 +24,7 @@ from itertools import product
 import numpy as np
 from tickettune.pipeline import prompts
 from tickettune.pipeline.augment import noisy_copies
-from tickettune.pipeline.data import Example
+from tickettune.pipeline.data import Example, taxonomy
 from tickettune.pipeline.likelihood import continuation_logprobs
 from tickettune.pipeline.retrieval import log_softmax
 
@@ -221,7 +221,7 @@ def heldout_queries(examples: list[Example], held: set[int], copies: int,
     """The held-out rows' tickets and `copies` noisy copies of each (so that robustness to
     paraphrase counts in the calibration), their gold label indices over the taxonomy, and each
     query's row (a ticket and its copies share one)."""
-    labels = sorted({e.intent for e in examples})
+    labels = taxonomy(examples)
     rng = random.Random(seed + 1)
     texts, gold, rows = [], [], []
     for i in sorted(held):

@@ -28,7 +28,7 @@ from functools import cached_property
 
 import numpy as np
 
-from tickettune.pipeline.data import Example
+from tickettune.pipeline.data import Example, taxonomy
 
 TEMPERATURES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 DEFAULT_TEMPERATURE = 0.05
@@ -121,7 +121,7 @@ class RetrievalIndex:
     @classmethod
     def fit(cls, examples: list[Example], tickets: np.ndarray, replies: np.ndarray,
             names: dict[str, np.ndarray] | None = None) -> "RetrievalIndex":
-        labels = tuple(sorted({e.intent for e in examples}))
+        labels = tuple(taxonomy(examples))
         idx = np.array([labels.index(e.intent) for e in examples], dtype=np.int64)
         said = np.array([[bool(e.ideal_reply.strip())] for e in examples])  # an empty reply says nothing
         with_replies = np.where(said, replies, 0.0) if len(examples) else replies
