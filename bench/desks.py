@@ -585,7 +585,7 @@ REPLY_RULES = ("compose", "t-test", "mean gain > 0", "generate")  # simplest fir
 def reply_policy_rules(result: dict) -> dict:
     """Each reply-policy rule's replies on one full-mode desk, scored: the rule sees the run's own
     held-out pairs (generated vs composed proxy quality) and picks the val replies of one source."""
-    from tickettune.pipeline.intent import significant_gain
+    from tickettune.pipeline.stats import significant_gain
 
     gains = np.array([g - c for g, c in result["facts"]["heldout_pairs"]])
     pick = {"compose": "retrieve", "generate": "generate",

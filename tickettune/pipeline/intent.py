@@ -27,6 +27,7 @@ from tickettune.pipeline.augment import noisy_copies
 from tickettune.pipeline.data import Example, taxonomy
 from tickettune.pipeline.likelihood import continuation_logprobs
 from tickettune.pipeline.retrieval import log_softmax
+from tickettune.pipeline.stats import significant_gain
 
 log = logging.getLogger(__name__)
 
@@ -172,23 +173,6 @@ def prior_weights(experts: list[str], replies_said: bool = True) -> dict[str, fl
     ({'logreg': 1.0, 'encoder': 1.0}, {'logreg': 1.0})
     """
     return {n: 1.0 for n in experts if n in EMBEDDING_EXPERTS}
-
-
-def significant_gain(gains: np.ndarray, level: float = 0.05) -> bool:
-    """True when the paired `gains` are positive beyond chance: a one-sided t-test at `level`.
-    Fewer than two gains prove nothing; gains that are all equal and positive are a win.
-
-    >>> significant_gain(np.array([0.2, 0.1, 0.2])), significant_gain(np.array([0.3, -0.1, 0.0]))
-    (True, False)
-    """
-    from scipy.stats import ttest_1samp
-
-    gains = np.asarray(gains, dtype=float)
-    if len(gains) < 2 or gains.mean() <= 0:
-        return False
-    if np.all(gains == gains[0]):
-        return True
-    return bool(ttest_1samp(gains, 0.0, alternative="greater").pvalue < level)
 
 
 def _best_weights(experts: dict[str, np.ndarray], gold: np.ndarray, anchors: tuple[str, ...],

@@ -40,6 +40,7 @@ import numpy as np
 
 from tickettune.pipeline.augment import STOPWORDS
 from tickettune.pipeline.grounding import facts, split_sentences
+from tickettune.pipeline.stats import significant_gain
 
 RANK_WEIGHTS = (1.0, 2.0, 0.5)   # ticket cosine, reply cosine, content-word overlap (chosen on data/northstar)
 EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
@@ -216,6 +217,4 @@ def generation_wins(pairs: list[tuple[float, float]], level: float = 0.05) -> bo
     >>> generation_wins([(0.9, 0.6), (0.5, 0.6), (0.6, 0.6)])   # one lucky row is not a win
     False
     """
-    from tickettune.pipeline.intent import significant_gain
-
     return significant_gain(np.array([g - c for g, c in pairs]), level)
