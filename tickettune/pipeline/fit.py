@@ -205,12 +205,11 @@ def choose_reply_policy(model: TicketModel, held: set[int], deadline: float | No
         return ReplyPolicy("generate", k, evidence | {"source": "no held-out rows to measure on: generate"})
     rows = sorted(held)[:HELDOUT_REPLIES]
     ranked = [bank.rank(model.index.vectors[i], examples[i].ticket, examples[i].intent, exclude=i) for i in rows]
-    model.reply_policy = ReplyPolicy("generate", k)
     texts = [prompts.truncate_ticket(model.tokenizer, examples[i].ticket, model.config.infer.max_ticket_tokens)[0]
              for i in rows]
     with modeling.autocast(model.plan):
         written = model.write_replies(texts, [examples[i].ticket for i in rows], model.index.vectors[rows], ranked,
-                                      deadline)
+                                      deadline, policy=ReplyPolicy("generate", k))
     generated = [grounded.reply for _, grounded in written]
     composed = [bank.compose(model.index.vectors[i], r, k, examples[i].ticket) for i, r in zip(rows, ranked)]
     vectors = embed(generated + composed)

@@ -162,15 +162,17 @@ class TicketModel:
         return [labels[c] for c in chosen], probs, experts
 
     def write_replies(self, tickets: list[str], raw_tickets: list[str], vectors: np.ndarray,
-                      ranked: list[list[int]], deadline: float | None = None) -> list[tuple]:
-        """Per ticket, (Generated or None, Grounded): the reply the run's `reply_policy` writes from
-        the train rows `ranked` for it (most relevant first). "retrieve": the composed reply.
+                      ranked: list[list[int]], deadline: float | None = None,
+                      policy: ReplyPolicy | None = None) -> list[tuple]:
+        """Per ticket, (Generated or None, Grounded): the reply `policy` (default: the run's
+        `reply_policy`) writes from the train rows `ranked` for it (most relevant first).
+        "retrieve": the composed reply.
         "generate": the reply adapter writes from the top references, grounded in them (and the
         ticket); a failed, degenerate or unsupported generation falls back to the composed reply."""
         from tickettune.pipeline.generate import generate
         from tickettune.pipeline.grounding import Grounded, ground
 
-        cfg, policy, bank = self.config.infer, self.reply_policy, self.bank
+        cfg, policy, bank = self.config.infer, policy or self.reply_policy, self.bank
         composed = [bank.compose(v, rows, policy.extra_sentences, raw)
                     for v, rows, raw in zip(vectors, ranked, raw_tickets)]
         if policy.source != "generate":
