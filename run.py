@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"  # the default CPU path never touches a hub, embedder included
 
     from tickettune.pipeline.results import TrainingStats, write_results  # heavy imports after validation
-    from tickettune.pipeline.ticket_model import retrieval_only, write_training
+    from tickettune.pipeline.ticket_model import retrieval_only
+    from tickettune.pipeline.weights_folder import write_training
 
     with clock.stage("embed"):
         index = embed_train_rows(job.train_rows, job.cfg.encoder.label_names)

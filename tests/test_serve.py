@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT, write_jsonl
 from tickettune.pipeline.data import Ticket
 from tickettune.pipeline.results import Prediction
-from tickettune.pipeline.ticket_model import FORMAT, META_FILE
+from tickettune.pipeline.weights_folder import FORMAT, META_FILE
 from tickettune.tools import serve
 from tickettune.tools.serve import Settings, create_app
 

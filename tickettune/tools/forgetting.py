@@ -171,7 +171,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tickettune.pipeline import runlog
     from tickettune.pipeline.data import DataError
-    from tickettune.pipeline.ticket_model import TicketModel, WeightsError, read_metadata
+    from tickettune.pipeline.ticket_model import TicketModel
+    from tickettune.pipeline.weights_folder import WeightsError, read_metadata
 
     runlog.setup(args.verbose)
     try:

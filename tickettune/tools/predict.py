@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tickettune.pipeline import runlog
     from tickettune.pipeline.data import DataError, load_tickets
-    from tickettune.pipeline.ticket_model import WeightsError, read_metadata
+    from tickettune.pipeline.weights_folder import WeightsError, read_metadata
 
     runlog.setup(args.verbose)
     clock = runlog.Clock()

@@ -643,7 +643,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _model_loader(args: argparse.Namespace, problems: list[str]) -> Callable[[], Predictor]:
     """Check the weights folder now (exit 2 before binding); the loader loads it on the model thread."""
-    from tickettune.pipeline.ticket_model import WeightsError, read_metadata
+    from tickettune.pipeline.weights_folder import WeightsError, read_metadata
 
     try:
         meta = read_metadata(Path(args.weights))
