@@ -7,8 +7,8 @@ For each set (a folder with train/val/val_labels.jsonl, or `bitext`: bench/bitex
 seed, it draws one train row per intent (`random.Random(seed)`, intents in sorted order), builds what
 run.py builds from them (the retrieval index with replies and intent names, the fine-tuned intent
 encoder, CPU settings, no deadline), and scores every val row with each embedding expert alone and with
-the weightings a prior could take: `equal` (every embedding expert at 1: run.py's prior in this regime,
-`intent.prior_weights`) beside the prototypes alone (the prior when intents have two rows or more). The
+the weightings a prior could take: `equal` (every embedding expert at 1: run.py's prior, here and, since
+bench/desks.py, on every desk; `intent.prior_weights`) beside the prototypes alone (the earlier prior). The
 LM is left out: without held-out rows it gets no weight. Prints a table (mean over seeds), writes JSON.
 """
 
