@@ -221,13 +221,18 @@ def validate(cfg: RunConfig) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 
+def checked_encoder(choice: str, source: str) -> str:
+    """`choice` when it is one of ENCODERS, else a ConfigError naming the field and where it came from."""
+    if choice not in ENCODERS:
+        raise ConfigError([f"encoder.model ({source}): {choice!r} is not one of {', '.join(ENCODERS)}"])
+    return choice
+
+
 def encoder_choice(flag: str | None = None) -> str | None:
     """The encoder named by `--encoder`, else by $TICKETTUNE_ENCODER (empty: none); None when neither
     names one (then the config's `encoder.model` holds). A name not in ENCODERS is a ConfigError."""
     choice, source = (flag, "--encoder") if flag else (os.environ.get(ENV_ENCODER) or None, f"${ENV_ENCODER}")
-    if choice is not None and choice not in ENCODERS:
-        raise ConfigError([f"encoder.model ({source}): {choice!r} is not one of {', '.join(ENCODERS)}"])
-    return choice
+    return None if choice is None else checked_encoder(choice, source)
 
 
 def with_encoder(overrides: dict[str, Any], flag: str | None = None) -> dict[str, Any]:

