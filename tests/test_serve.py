@@ -29,6 +29,7 @@ from tickettune.pipeline.data import Ticket
 from tickettune.pipeline.results import Prediction
 from tickettune.pipeline.weights_folder import FORMAT, META_FILE
 from tickettune.tools import serve
+from tickettune.tools.serve import guard
 from tickettune.tools.serve import Settings, create_app
 
 KEY = "tt-test-key-7f3a9c1e55"
@@ -378,7 +379,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0]", "only {\"type\": \"text\""),
     ("/v1/chat/completions", {"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model", "must be a string"),
-    ("/v1/chat/completions", {"stream": True, "messages": [{"role": "user", "content": "x"}]}, "stream", "not supported"),
+    ("/v1/chat/completions", {"stream": "yes", "messages": [{"role": "user", "content": "x"}]}, "stream", "must be a boolean"),
     ("/v1/chat/completions", {"n": 3, "messages": [{"role": "user", "content": "x"}]}, "n", "only one choice"),
 ]
 
@@ -415,13 +416,13 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape():
 
 # --- API key ---------------------------------------------------------------------------------------
 
-def test_with_a_key_every_endpoint_but_healthz_needs_it(caplog, monkeypatch):
+def test_with_a_key_every_endpoint_but_healthz_and_the_page_needs_it(caplog, monkeypatch):
     compared = []
-    real_compare = serve.hmac.compare_digest
-    monkeypatch.setattr(serve.hmac, "compare_digest", lambda a, b: compared.append(1) or real_compare(a, b))
+    real_compare = guard.hmac.compare_digest
+    monkeypatch.setattr(guard.hmac, "compare_digest", lambda a, b: compared.append(1) or real_compare(a, b))
     fake = FakePredictor()
     app = create_app(fake, api_key=KEY)
-    calls = [("GET", "/", None), ("GET", "/v1/models", None), ("POST", "/v1/tickets", tickets_body("refund me")),
+    calls = [("GET", "/v1/models", None), ("POST", "/v1/tickets", tickets_body("refund me")),
              ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "refund me"}]}),
              ("GET", "/v2/unknown", None)]
     wrong = [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {KEY}"},
@@ -432,13 +433,15 @@ def test_with_a_key_every_endpoint_but_healthz_needs_it(caplog, monkeypatch):
         allowed = [await client.request(m, p, json=b, headers={"Authorization": f"Bearer {KEY}"}) for m, p, b in calls]
         lower = await client.get("/v1/models", headers={"authorization": f"bearer {KEY}"})
         health = await client.get("/healthz")
-        return refused, allowed, lower, health
+        page = [await client.get(path) for path in ("/", "/page.js")]  # no data in them; the page asks for the key
+        return refused, allowed, lower, health, page
 
-    refused, allowed, lower, health = run_app(app, scenario)
+    refused, allowed, lower, health, page = run_app(app, scenario)
+    assert [r.status_code for r in page] == [200, 200] and "fake" not in page[0].text.lower()
     assert {r.status_code for r in refused} == {401}
     assert all(r.headers["WWW-Authenticate"] == "Bearer" and r.json()["error"]["type"] == "authentication_error"
                for r in refused)
-    assert [r.status_code for r in allowed] == [200, 200, 200, 200, 404] and lower.status_code == 200
+    assert [r.status_code for r in allowed] == [200, 200, 200, 404] and lower.status_code == 200
     assert health.status_code == 200
     assert len(fake.calls) == 2  # only the authorised requests reached the model
     assert compared  # the key was compared in constant time
@@ -495,7 +498,7 @@ def test_healthz_is_503_while_the_model_loads_and_200_after():
         loading = await client.get("/healthz")
         early = await client.post("/v1/tickets", json=tickets_body("refund"))
         release.set()
-        await until(lambda: app.state.batcher.predictor is not None, "the model")
+        await until(lambda: app.state.backend.ready, "the model")
         return loading, early, await client.get("/healthz"), await client.post("/v1/tickets", json=tickets_body("x"))
 
     loading, early, ready, later = run_app(app, scenario)
@@ -510,7 +513,7 @@ def test_a_model_that_fails_to_load_stops_the_server(caplog):
     app = create_app(loader=failing_loader, on_load_failure=lambda: stopped.append(1))
 
     async def scenario(client):
-        await until(lambda: app.state.batcher.load_error is not None, "the load to fail")
+        await until(lambda: app.state.backend.load_error is not None, "the load to fail")
         await until(lambda: stopped, "the stop callback")
         return await client.get("/healthz")
 
@@ -552,9 +555,13 @@ def test_the_page_needs_nothing_from_outside():
     page = serve.PAGE.lower()
     for outside in ("http://", "https://", "//cdn", "@import", "url("):
         assert outside not in page, outside
-    assert re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page) == ["data:,"]  # the empty favicon
+    # the empty favicon and the page's own script, from this server
+    assert re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page) == ["data:,", "page.js"]
     csp = serve.PAGE_HEADERS["Content-Security-Policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "'unsafe-inline'" not in csp.split("style-src")[0]
+    assert "script-src 'self'" in csp
+    for outside in ("http://", "https://", "import(", "eval("):
+        assert outside not in serve.PAGE_SCRIPT, outside
 
 
 def test_the_page_in_headless_chromium(tmp_path, record_property):

@@ -156,12 +156,15 @@ class IntentEncoder:
     max_length: int = 128
     steps: int = 0           # fine-tuning steps taken (0 when loaded)
     choice: str | None = None  # the sentence encoder it is built on ("minilm" | "mpnet"; None: the process's)
+    adapter: str | None = None  # its adapter's name on a base shared with other desks (`bases`); None: its own
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised mean-pooled embeddings (N, D), fp32, in input order."""
         import torch
         import torch.nn.functional as F
 
+        if self.adapter is not None:  # a shared base: this desk's adapter, whichever desk ran last
+            self.model.set_adapter(self.adapter)
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         self.model.eval()
@@ -261,17 +264,25 @@ class IntentEncoder:
                   str(folder / HEAD_FILE))
 
     @classmethod
-    def load(cls, folder: str | Path, labels: list[str], max_length: int,
-             choice: str | None = None) -> "IntentEncoder":
-        """The encoder `save` wrote into `folder`, on the base `choice` names (default: the process's)."""
+    def load(cls, folder: str | Path, labels: list[str], max_length: int, choice: str | None = None, *,
+             shared=None, key: str = "") -> "IntentEncoder":
+        """The encoder `save` wrote into `folder`, on the base `choice` names (default: the process's);
+        with `shared` (a `bases.SharedBases`), its adapter loads onto that process-wide base as `key`'s."""
         from peft import PeftModel
         from safetensors.numpy import load_file
 
+        from tickettune.pipeline.embeddings import selected_encoder
+
         folder = Path(folder) / ENCODER_DIR
-        base, tokenizer = load_base_encoder(choice)
-        model = PeftModel.from_pretrained(base, str(folder)).eval()
+        adapter = None
+        if shared is not None:
+            model, tokenizer, adapter = shared.encoder(choice or selected_encoder(), folder, key)
+        else:
+            base, tokenizer = load_base_encoder(choice)
+            model = PeftModel.from_pretrained(base, str(folder)).eval()
         head = load_file(str(folder / HEAD_FILE))
-        return cls(list(labels), model, tokenizer, head["coef"], head["intercept"], max_length, choice=choice)
+        return cls(list(labels), model, tokenizer, head["coef"], head["intercept"], max_length, choice=choice,
+                   adapter=adapter)
 
 
 def _mean_pool(hidden, mask):

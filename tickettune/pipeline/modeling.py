@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tickettune.pipeline.config import TrainConfig
-from tickettune.pipeline.plan import BUNDLED, BUNDLED_GGUF, Plan, bundled_model_dir
+from tickettune.pipeline.plan import BUNDLED, Plan
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,15 @@ def load_base(plan: Plan):
 
     dtype = getattr(torch, plan.dtype)
     if plan.model == BUNDLED:
+        from tickettune.pipeline import gguf_cache
+
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the CPU path never touches a hub
-        folder = bundled_model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, **dtype_kwarg(dtype))
+        folder = gguf_cache.converted(dtype_kwarg(dtype))  # the GGUF dequantized once, then read from the cache
+        if folder is None:
+            model, tokenizer = gguf_cache.convert(dtype_kwarg(dtype))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **dtype_kwarg(dtype))
         model = model.to(plan.device)
     else:
         kwargs: dict = {**dtype_kwarg(dtype), "attn_implementation": "sdpa"}

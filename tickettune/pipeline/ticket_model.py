@@ -62,6 +62,7 @@ class TicketModel:
     reply_policy: ReplyPolicy = field(default_factory=ReplyPolicy)  # generate or compose, chosen by the run
     encoder: IntentEncoder | None = None  # the fine-tuned intent encoder (None: disabled or unavailable)
     load_lm: Callable | None = field(default=None, repr=False, compare=False)  # `model` not loaded yet: loads it
+    adapters: tuple[str, str] = (modeling.INTENT_ADAPTER, modeling.REPLY_ADAPTER)  # (intent, reply) names in `model`
 
     @property
     def labels(self) -> list[str]:
@@ -147,7 +148,7 @@ class TicketModel:
             experts["encoder"] = self.encoder.logprobs(raw)
         if self.weights.get("lm", 0.0) > 0 and len(labels) > 1:
             net = self.language_model()
-            with modeling.adapter(net, modeling.INTENT_ADAPTER):
+            with modeling.adapter(net, self.adapters[0]):
                 experts["lm"] = score_labels(net, self.tokenizer, tickets, labels, cfg.score_batch_size,
                                              cfg.list_labels, only=candidates(experts, self.weights))
         chosen = combine(experts, self.weights)
@@ -180,7 +181,7 @@ class TicketModel:
         use = modeling.merged if cfg.merge_adapter else modeling.adapter
         measured = (self.info.get("budget") or {}).get("costs") or {}  # this run's own speed, when measured
         batch_s = measured.get("generate_s_per_reply", 0.0) * min(cfg.gen_batch_size, len(prompt_ids))
-        with use(net, modeling.REPLY_ADAPTER):
+        with use(net, self.adapters[1]):
             generated = generate(net, self.tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
                                  modeling.end_of_turn_ids(net, self.tokenizer), deadline, batch_s)
         seconds, new_tokens = time.perf_counter() - t0, sum(g.new_tokens for g in generated)
@@ -241,9 +242,12 @@ class TicketModel:
         }
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> "TicketModel":
+    def load(cls, folder: str | Path, device: str | None = None, *, shared: Any = None,
+             key: str = "") -> "TicketModel":
         """The model saved in `folder`, on `device` ("cpu" or "cuda"; default: a GPU when there is one).
-        Raises `WeightsError` naming what is missing or incompatible before loading any model."""
+        Raises `WeightsError` naming what is missing or incompatible before loading any model.
+        `shared` (a `bases.SharedBases`): its adapters load onto the process's one copy of each base
+        model, under names made from `key` (serving many desks); without it, the model owns its bases."""
         folder = Path(folder)
         meta = read_metadata(folder)
         plan = plan_for_device(Plan(**meta["plan"]), device)
@@ -262,8 +266,12 @@ class TicketModel:
         weights = {k: float(v) for k, v in meta["ensemble_weights"].items()}
         policy = ReplyPolicy(**meta["reply_policy"])
 
-        def load_lm():  # the base model and the adapters (the bundled GGUF's conversion: most of a load)
+        adapters = shared.adapter_names(key) if shared is not None else cls.adapters
+
+        def load_lm():  # the base model and the adapters
             modeling.seed_everything(config.seed, plan.device)
+            if shared is not None:
+                return shared.lm(plan, folder, key)[:2]
             base, tokenizer = modeling.load_base(plan)
             return modeling.load_adapter(base, folder), tokenizer
 
@@ -271,12 +279,12 @@ class TicketModel:
             (model, tokenizer), later = load_lm(), None
         else:  # the LM scores nothing and writes nothing: its tokenizer (saved here) is all predict needs
             model, tokenizer, later = None, modeling.load_tokenizer(folder), load_lm
-        encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length, config.encoder.model) \
-            if meta.get("intent_encoder") else None
+        encoder = IntentEncoder.load(folder, list(index.labels), config.encoder.max_length, config.encoder.model,
+                                     shared=shared, key=key) if meta.get("intent_encoder") else None
         return cls(plan=plan, config=config, model=model, tokenizer=tokenizer, index=index, weights=weights,
                    embedder=meta["embedder"], training=stats_from_record(meta.get("training")),
                    info={k: meta[k] for k in ("holdout_rows", "stopped_early", "budget") if k in meta},
-                   reply_policy=policy, encoder=encoder, load_lm=later)
+                   reply_policy=policy, encoder=encoder, load_lm=later, adapters=adapters)
 
     def language_model(self):
         """The LoRA-tuned LM (a PeftModel), loaded on first use when `load` could leave it out (a model

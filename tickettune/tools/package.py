@@ -43,7 +43,8 @@ from pathlib import Path, PurePosixPath
 ROOT_FILES = frozenset({"run.py", "README.md", "requirements.txt", "constraints.txt", "pyproject.toml",
                         "LICENSE", "LICENSE.md", "LICENSE.txt"})
 EXTRA_FILES = frozenset({"scripts/setup.sh"})     # the README's set-up command
-PACKAGE_DIR = "tickettune"                        # tickettune/**/*.py
+PACKAGE_DIR = "tickettune"                        # tickettune/**/*.py, and the page's .html/.js
+PACKAGE_SUFFIXES = (".py", ".html", ".js")
 DOCS_DIR = "docs"                                 # docs/*.md: the README's links
 SAMPLE_DATA = frozenset({"train.jsonl", "val.jsonl"})  # data/<set>/{train,val}.jsonl: tiny sample inputs
 
@@ -77,7 +78,7 @@ def is_allowed(path: str) -> bool:
     if parts[0] == DOCS_DIR:  # the README links them
         return len(parts) == 2 and parts[1].endswith(".md")
     if parts[0] == PACKAGE_DIR:
-        return parts[-1].endswith(".py") and "__pycache__" not in parts
+        return parts[-1].endswith(PACKAGE_SUFFIXES) and "__pycache__" not in parts
     return len(parts) == 3 and parts[0] == "data" and parts[2] in SAMPLE_DATA
 
 
