@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 TicketId = str | int
 
@@ -61,53 +61,66 @@ def read_jsonl(path: str | Path, fields: dict[str, type | tuple[type, ...]]) -> 
     JSON, a missing field, a wrong type, a duplicated id) is collected and raised as one
     `DataError`, so a user fixes the file in one pass.
     """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError([f"{path}: cannot read file ({exc.strerror or exc})"]) from exc
     problems: list[str] = []
     rows: list[tuple[int, dict]] = []
-    first_line_of: dict[TicketId, int] = {}
-    for lineno, raw_line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append(f"{where}: not valid UTF-8 (byte {exc.start})")
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{where}: expected a JSON object, got {_type_name(obj)}")
-            continue
-        row_ok = True
-        for name, kind in fields.items():
-            if name not in obj:
-                problems.append(f"{where}: missing field '{name}'")
-                row_ok = False
-            elif isinstance(obj[name], bool) or not isinstance(obj[name], kind):
-                want = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-                problems.append(f"{where}: field '{name}' must be {want}, got {_type_name(obj[name])}")
-                row_ok = False
-        if row_ok and "id" in fields:
-            if obj["id"] == "":
-                problems.append(f"{where}: field 'id' is empty")
-                continue
-            if obj["id"] in first_line_of:
-                problems.append(f"{where}: duplicated id {obj['id']!r} (first seen on line {first_line_of[obj['id']]})")
-                continue
-            first_line_of[obj["id"]] = lineno
-        if row_ok:
+    for lineno, obj, problem in scan_jsonl(path, fields):
+        if problem is not None:
+            problems.append(problem)
+        else:
             rows.append((lineno, obj))
     if problems:
         raise DataError(problems)
     return rows
+
+
+def scan_jsonl(path: str | Path, fields: dict[str, type | tuple[type, ...]],
+               id_field: str = "id") -> Iterator[tuple[int, dict | None, str | None]]:
+    """`read_jsonl`, streamed: per non-blank line, (line number, object, None) or (line number, None,
+    the problem). Only the ids seen are kept in memory (for duplicates)."""
+    path = Path(path)
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read file ({exc.strerror or exc})"]) from exc
+    first_line_of: dict[TicketId, int] = {}
+    with f:
+        for lineno, raw_line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw_line.rstrip(b"\n").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, None, f"{where}: not valid UTF-8 (byte {exc.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"{where}: malformed JSON ({exc.msg} at column {exc.colno})"
+                continue
+            if not isinstance(obj, dict):
+                yield lineno, None, f"{where}: expected a JSON object, got {_type_name(obj)}"
+                continue
+            row_ok = True
+            for name, kind in fields.items():
+                if name not in obj:
+                    yield lineno, None, f"{where}: missing field '{name}'"
+                    row_ok = False
+                elif isinstance(obj[name], bool) or not isinstance(obj[name], kind):
+                    want = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+                    yield lineno, None, f"{where}: field '{name}' must be {want}, got {_type_name(obj[name])}"
+                    row_ok = False
+            if row_ok and id_field in fields:
+                if obj[id_field] == "":
+                    yield lineno, None, f"{where}: field '{id_field}' is empty"
+                    continue
+                if obj[id_field] in first_line_of:
+                    yield lineno, None, (f"{where}: duplicated id {obj[id_field]!r} (first seen on line "
+                                         f"{first_line_of[obj[id_field]]})")
+                    continue
+                first_line_of[obj[id_field]] = lineno
+            if row_ok:
+                yield lineno, obj, None
 
 
 ID = (str, int)
@@ -129,9 +142,9 @@ def load_val(path: str | Path) -> list[Ticket]:
     return [Ticket(o["id"], o["ticket"]) for _, o in read_jsonl(path, {"id": ID, "ticket": str})]
 
 
-def load_tickets(path: str | Path, text_column: str = "ticket") -> list[Ticket]:
-    """Tickets to predict, from JSONL (`{"id", <text_column>}` per line, as `load_val`) or CSV (a
-    header naming `text_column` and optionally `id`; without an `id` column the ids are `row_N`,
+def load_tickets(path: str | Path, text_column: str = "ticket", id_column: str = "id") -> list[Ticket]:
+    """Tickets to predict, from JSONL (`{<id_column>, <text_column>}` per line, as `load_val`) or CSV (a
+    header naming `text_column` and optionally `id_column`; without that column the ids are `row_N`,
     N counting data rows from 1). The format follows the suffix (`.csv`; `.jsonl`/`.json`), else
     the first character (`{` means JSONL). Every problem is reported at once, with file and line.
 
@@ -142,11 +155,33 @@ def load_tickets(path: str | Path, text_column: str = "ticket") -> list[Ticket]:
     [Ticket(id='row_1', ticket='Where is my invoice?')]
     >>> os.unlink(f.name)
     """
+    problems, tickets = [], []
+    for problem, ticket, _ in scan_tickets(path, text_column, id_column):
+        if problem is not None:
+            problems.append(problem)
+        else:
+            tickets.append(ticket)
+    if problems:
+        raise DataError(problems)
+    return tickets
+
+
+def is_csv(path: str | Path) -> bool:
+    """CSV by its suffix (`.csv`), JSONL by its suffix (`.jsonl`/`.json`), else by its first character."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json") or (suffix != ".csv" and _first_char(path) == "{"):
-        return [Ticket(o["id"], o[text_column]) for _, o in read_jsonl(path, {"id": ID, text_column: str})]
-    return _load_csv_tickets(path, text_column)
+    return not (suffix in (".jsonl", ".json") or (suffix != ".csv" and _first_char(path) == "{"))
+
+
+def scan_tickets(path: str | Path, text_column: str = "ticket",
+                 id_column: str = "id") -> Iterator[tuple[str | None, Ticket | None, dict | None]]:
+    """`load_tickets`, streamed (one row in memory at a time, and the ids seen): per row, (None, ticket,
+    the row's fields) or (the problem, None, None). A file that cannot be read at all raises `DataError`."""
+    if not is_csv(path):
+        for _, obj, problem in scan_jsonl(path, {id_column: ID, text_column: str}, id_field=id_column):
+            yield (problem, None, None) if problem is not None else (None, Ticket(obj[id_column], obj[text_column]), obj)
+        return
+    yield from _scan_csv(Path(path), text_column, id_column)
 
 
 def _first_char(path: Path) -> str:
@@ -157,46 +192,67 @@ def _first_char(path: Path) -> str:
         return ""  # read_jsonl / the CSV reader report the unreadable file
 
 
-def _load_csv_tickets(path: Path, text_column: str) -> list[Ticket]:
+def _scan_csv(path: Path, text_column: str, id_column: str) -> Iterator[tuple[str | None, Ticket | None, dict | None]]:
     import csv
 
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        f = path.open("rb")
     except OSError as exc:
         raise DataError([f"{path}: cannot read file ({exc.strerror or exc})"]) from exc
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise DataError([f"{path}:{line}: not valid UTF-8 (byte {exc.start})"]) from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    columns = reader.fieldnames or []
-    if text_column not in columns:
-        raise DataError([f"{path}:1: no '{text_column}' column (header: {', '.join(columns) or 'empty'}); "
-                         "name the ticket column with --text-column"])
-    problems: list[str] = []
-    tickets: list[Ticket] = []
-    first_line_of: dict[str, int] = {}
-    try:
-        for n, row in enumerate(reader, start=1):
-            where = f"{path}:{reader.line_num}"
-            if None in row:  # more cells than the header has columns
-                problems.append(f"{where}: {len(columns) + len(row[None])} cells, the header has {len(columns)}")
-                continue
-            if row[text_column] is None:
-                problems.append(f"{where}: missing field '{text_column}' (fewer cells than the header)")
-                continue
-            ticket_id = row["id"] if "id" in columns else f"row_{n}"
-            if not ticket_id:
-                problems.append(f"{where}: field 'id' is empty")
-            elif ticket_id in first_line_of:
-                problems.append(f"{where}: duplicated id {ticket_id!r} (first seen on line {first_line_of[ticket_id]})")
-            else:
-                first_line_of[ticket_id] = reader.line_num
-                tickets.append(Ticket(ticket_id, row[text_column]))
-    except csv.Error as exc:
-        problems.append(f"{path}:{reader.line_num}: malformed CSV ({exc})")
-    if problems:
-        raise DataError(problems)
-    return tickets
+    with f:
+        reader = csv.DictReader(_decoded_lines(f))
+        try:
+            columns = reader.fieldnames or []
+        except _BadBytes as exc:
+            yield f"{path}:{exc.line}: not valid UTF-8 (byte {exc.byte})", None, None
+            return
+        if text_column not in columns:
+            yield (f"{path}:1: no '{text_column}' column (header: {', '.join(columns) or 'empty'}); "
+                   "name the ticket column with --text-column"), None, None
+            return
+        first_line_of: dict[str, int] = {}
+        n = 0
+        try:
+            for n, row in enumerate(reader, start=1):
+                where = f"{path}:{reader.line_num}"
+                if None in row:  # more cells than the header has columns
+                    yield f"{where}: {len(columns) + len(row[None])} cells, the header has {len(columns)}", None, None
+                    continue
+                if row[text_column] is None:
+                    yield f"{where}: missing field '{text_column}' (fewer cells than the header)", None, None
+                    continue
+                ticket_id = row[id_column] if id_column in columns else f"row_{n}"
+                if not ticket_id:
+                    yield f"{where}: field '{id_column}' is empty", None, None
+                elif ticket_id in first_line_of:
+                    yield (f"{where}: duplicated id {ticket_id!r} (first seen on line {first_line_of[ticket_id]})",
+                           None, None)
+                else:
+                    first_line_of[ticket_id] = reader.line_num
+                    yield None, Ticket(ticket_id, row[text_column]), row
+        except csv.Error as exc:
+            yield f"{path}:{reader.line_num}: malformed CSV ({exc})", None, None
+        except _BadBytes as exc:
+            yield f"{path}:{exc.line}: not valid UTF-8 (byte {exc.byte})", None, None
+
+
+class _BadBytes(ValueError):
+    def __init__(self, line: int, byte: int) -> None:
+        super().__init__(f"line {line}, byte {byte}")
+        self.line, self.byte = line, byte
+
+
+def _decoded_lines(f) -> Iterator[str]:
+    """A binary file's lines as text for `csv` (a UTF-8 BOM dropped), one at a time; `_BadBytes` names the
+    line and the file's byte offset of the first byte that is not UTF-8."""
+    offset = 0
+    for lineno, raw in enumerate(f, start=1):
+        start = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+        try:
+            yield raw[start:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _BadBytes(lineno, offset + start + exc.start) from None
+        offset += len(raw)
 
 
 def load_labels(path: str | Path) -> list[Label]:

@@ -90,6 +90,10 @@ class Desks:
         with self._lock:
             return list(self._desks)
 
+    def entry(self, name: str) -> Desk:
+        with self._lock:
+            return self._desks[name]
+
     def describe(self, name: str) -> dict:
         with self._lock:
             desk, loaded = self._desks[name], self._loaded.get(name)
