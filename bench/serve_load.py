@@ -112,7 +112,8 @@ async def run_phase(url: str, tickets: list[dict], clients: int, requests: int, 
         await asyncio.gather(*(client(http) for _ in range(clients)))
     phase.wall_s = time.perf_counter() - t0
     after = await health(url)
-    phase.batches, phase.tickets = after["batches"] - before["batches"], after["tickets"] - before["tickets"]
+    if "batches" in after:  # (Ray Serve batches in its replicas: no count at the ingress)
+        phase.batches, phase.tickets = after["batches"] - before["batches"], after["tickets"] - before["tickets"]
     return phase
 
 
@@ -123,9 +124,10 @@ async def health(url: str) -> dict:
         return (await http.get(f"{url}/healthz")).json()
 
 
-def start_server(weights: str, port: int, max_batch: int, max_wait_ms: float) -> subprocess.Popen:
+def start_server(weights: str, port: int, max_batch: int, max_wait_ms: float, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tickettune", "serve", "--weights", weights, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "256"]
+           "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "256",
+           *extra]
     print("server:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, env=child_env())
 
@@ -165,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=300, help="stop issuing requests after this per phase (default 300)")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16, its default)")
     ap.add_argument("--max-wait-ms", type=float, default=50, help="the server's --max-wait-ms (default 50, its default)")
+    ap.add_argument("--ray", action="store_true", help="serve on Ray Serve (`serve --ray`)")
+    ap.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (default 1)")
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs per replica (default 1)")
     ap.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     args = ap.parse_args(argv)
+    extra = ["--ray", "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus)] if args.ray else []
     clients = [int(c) for c in args.clients.split(",")]
     tickets = [json.loads(line) for line in (SAMPLE / "val.jsonl").read_text().splitlines() if line.strip()]
 
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = args.weights or str(train_tiny(Path(tmp)))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(weights, port, args.max_batch, args.max_wait_ms)
+        proc = start_server(weights, port, args.max_batch, args.max_wait_ms, extra)
         try:
             wait_healthy(url, proc)
             asyncio.run(run_phase(url, tickets, 1, 1, args.seconds))  # warm-up, not counted
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    print(f"\n`tickettune serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}` on {os.cpu_count()} "
+    print(f"\n`tickettune serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}{' ' if extra else ''}"
+          f"{' '.join(extra)}` on {os.cpu_count()} "
           f"CPU cores, weights {weights if args.weights else '(tiny, trained by the bench)'}, one sample ticket "
           "per request\n")
     print(table(phases))
