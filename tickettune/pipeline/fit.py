@@ -50,7 +50,7 @@ DECODE_GROWTH = 1.5     # later decoding steps attend over more positions: on th
                         # tokens a step cost ~1.8x the first few (bitext replies, 2-core CPU)
 
 
-def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_rows: int = 0,
+def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, *, val_rows: int = 0,
         deadline: float | None = None) -> TicketModel:
     """Train both adapters on `base` (which becomes the PeftModel inside the result), calibrate the
     ensemble on the held-out rows, choose the reply policy, and return the trained `TicketModel`.
@@ -63,14 +63,15 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
                           embedder=load_embedder().name)
     modeling.seed_everything(cfg.seed, plan.device)  # PEFT initialises LoRA from the global RNG
     model = trained.model = modeling.add_lora(base, cfg.train)
-    seqs = train.build_sequences(examples, tokenizer, cfg.train, reference_replies(trained, cfg.infer.n_references),
-                                 list(index.labels) if cfg.infer.list_labels else None,
-                                 cfg.infer.max_ticket_tokens, cfg.seed)
+    seqs = train.build_sequences(examples, tokenizer, cfg.train,
+                                 references=reference_replies(trained, cfg.infer.n_references),
+                                 labels_in_prompt=list(index.labels) if cfg.infer.list_labels else None,
+                                 max_ticket_tokens=cfg.infer.max_ticket_tokens, seed=cfg.seed)
     costs = measure_costs(trained, seqs, held, cfg.infer.reply_source != "retrieve") if deadline else None
     with torch_rng_kept():  # the encoder seeds torch itself; the adapters' draws stay as without it
         encoder = trained.encoder = fit_encoder(index, held, cfg, plan, encoder_deadline(
             trained, seqs, held, val_rows, costs, deadline))
-    schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline)   # both adapters
+    schedule = plan_budget(trained, seqs, held, val_rows=val_rows, costs=costs, deadline=deadline)  # both adapters
     run = dict(cfg=cfg.train, seed=cfg.seed, autocast=lambda: modeling.training_context(plan))
 
     parts = []
@@ -86,7 +87,7 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, val_
         encoder.refit_head(texts, y, cfg.encoder)
     if deadline:  # again for the reply adapter: the time intent training really took, and whether
         # prediction will score labels at all (an LM weight of 0 needs no label scores)
-        schedule = plan_budget(trained, seqs, held, val_rows, costs, deadline, intent_done=True,
+        schedule = plan_budget(trained, seqs, held, val_rows=val_rows, costs=costs, deadline=deadline, intent_done=True,
                                score_val=trained.weights.get("lm", 0.0) > 0, first=schedule)
     if schedule.reply_epochs and _rows(seqs, "reply", schedule, held):
         with modeling.adapter(model, modeling.REPLY_ADAPTER):
@@ -115,7 +116,7 @@ def _reserve_end(deadline: float | None, schedule: budget.TrainingPlan) -> float
     return None if deadline is None else deadline - schedule.reserve_s
 
 
-def plan_budget(model: TicketModel, seqs: list, held: set[int], val_rows: int, costs: budget.Costs | None,
+def plan_budget(model: TicketModel, seqs: list, held: set[int], *, val_rows: int, costs: budget.Costs | None,
                 deadline: float | None, intent_done: bool = False, score_val: bool = True,
                 first: budget.TrainingPlan | None = None, quiet: bool = False) -> budget.TrainingPlan:
     """The training plan for the time left (everything, without a deadline), logged with its reason
@@ -284,7 +285,8 @@ def encoder_deadline(model: TicketModel, seqs: list, held: set[int], val_rows: i
     now = time.monotonic()
     share = model.config.encoder.time_share
     if costs is not None:
-        after = plan_budget(model, seqs, held, val_rows, costs, now + (1 - share) * (deadline - now), quiet=True)
+        after = plan_budget(model, seqs, held, val_rows=val_rows, costs=costs, deadline=now + (1 - share) * (deadline - now),
+                            quiet=True)
         if not after.trains:
             share = max(share, model.config.encoder.time_share_alone)
             log.info("intent encoder: %.0f%% of the time left (the adapters cannot train in what %.0f%% would "
@@ -311,7 +313,7 @@ def fit_encoder(index: RetrievalIndex, held: set[int], cfg: RunConfig, plan: Pla
     texts, y = training_texts_of(index, held, cfg)
     settings = replace(cfg.encoder, bf16=cfg.encoder.bf16 and plan_module.cpu_has_bf16())
     try:
-        return IntentEncoder.fit(texts, y, list(index.labels), settings, cfg.seed, deadline=until)
+        return IntentEncoder.fit(texts, y, list(index.labels), settings, seed=cfg.seed, deadline=until)
     except (OSError, RuntimeError) as exc:  # e.g. no bundled MiniLM: the hashed stand-in cannot be tuned
         log.warning("no intent encoder (%s): the prototype classifier is the embedding expert",
                     str(exc).splitlines()[0][:200])
