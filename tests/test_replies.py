@@ -153,7 +153,7 @@ def test_with_nothing_held_out_the_run_generates_and_says_why():
 
     from tickettune.pipeline.config import RunConfig
     from tickettune.pipeline.data import Example
-    from tickettune.pipeline.fit import choose_reply_policy
+    from tickettune.pipeline.reply_policy import choose_reply_policy
     from tickettune.pipeline.replies import ReplyBank
 
     examples = [Example(f"r{i}", f"ticket {i}", f"intent.{i}", f"Reply {i}.") for i in range(3)]

@@ -70,7 +70,7 @@ class EncoderConfig:
     bf16: bool = True               # bf16 autocast for training where the CPU has bf16
     fit_schedule: bool = True       # under a deadline, end the learning-rate decay where the time ends
     time_share: float = 0.25        # of the time left, at most, when the run has a deadline
-    time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (fit.encoder_deadline)
+    time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (time_budget.encoder_deadline)
     # the sentence encoder, a plan choice (`--encoder`, else $TICKETTUNE_ENCODER, else this): the frozen
     # embedder of retrieval and the base of the intent encoder. "minilm": the bundled all-MiniLM-L6-v2
     # (384-d); "mpnet": all-mpnet-base-v2 (768-d) that scripts/setup.sh verifies into a cache folder

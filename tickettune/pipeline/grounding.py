@@ -14,7 +14,7 @@ Pure text. The rule, decided without labels:
    trimmed to its last full sentence first.
 Measured on the two sample sets with the same generations: must-mention 0.78/0.80 with
 "shared facts only" -> 0.84/0.86 with rules 1-3. Whether a run writes replies by generation at
-all is not decided here but by the run's own held-out rows (`replies`, `fit.choose_reply_policy`).
+all is not decided here but by the run's own held-out rows (`replies`, `reply_policy.choose_reply_policy`).
 
 Does not judge style or correctness beyond these checks.
 """

@@ -25,7 +25,7 @@ support tickets they are as often the desk's own address as the customer's.
 cosine to the ideal reply (the judge) + ¼ recall of the ideal's facts (must-mention) + ¼ precision
 of the candidate's facts (must-not-mention: a sibling case's facts count against it). The run
 chooses `k` by this proxy, leave-one-out over its own train rows (`choose_extra_sentences`), and
-generation versus composition on its held-out rows (`fit.choose_reply_policy`).
+generation versus composition on its held-out rows (`reply_policy.choose_reply_policy`).
 
 Pure numpy and text over precomputed, L2-normalised embeddings: no model here.
 """
@@ -47,6 +47,7 @@ EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
 COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
 RELEVANCE_GATE = 0.9             # a lent sentence's cosine to the ticket / the reply's (chosen on data/northstar)
 LOO_ROWS = 300                   # train rows the leave-one-out choice of k looks at, at most
+HELDOUT_REPLIES = 16             # held-out rows the reply policy generates for, at most
 _WORD = re.compile(r"[a-z0-9$€£%]+")
 _IDENTIFIER = re.compile(r"(?<![\w.,])\d{5,}(?![\w]|[.,]\d)")  # five digits or more, not part of a price
 

@@ -8,7 +8,7 @@ sequences are ~5x longer: this is where CPU time goes). Loss is on the assistant
 val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row) is
 held out, and neither adapter ever trains on it: each adapter's loss there is measured at the end,
 and val_loss is the token-weighted mean of the two. The same rows decide whether the LM enters the
-intent ensemble (`fit.calibrate`) and whether replies are generated (`fit.choose_reply_policy`);
+intent ensemble (`calibration.calibrate`) and whether replies are generated (`reply_policy`);
 the retrieval index, the prototypes and the encoder's final head still use every row, so the
 taxonomy loses nothing. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
 progressive loss of epoch 1: each batch's loss taken before the optimiser step that uses it.
