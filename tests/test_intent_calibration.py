@@ -121,3 +121,13 @@ def test_with_nothing_held_out_every_embedding_expert_counts_equally_and_the_lm_
     index = SimpleNamespace(examples=examples, labels=tuple(sorted({e.intent for e in examples})))
     model = SimpleNamespace(config=RunConfig.for_plan("cpu", {}), index=index)
     assert calibrate(model, held=set(), encoder=object(), lm_trained=True) == {"proto": 1.0, "logreg": 1.0, "encoder": 1.0, "lm": 0.0}
+
+
+def test_label_scores_are_not_timed_where_the_lm_weight_is_fixed_at_zero():
+    """The CPU plan fixes the LM's intent weight at 0: no label score can change an answer there."""
+    from tickettune.pipeline.calibration import lm_scores_matter
+
+    assert not lm_scores_matter(RunConfig.for_plan("cpu", {}))
+    assert lm_scores_matter(RunConfig.for_plan("cuda", {}))
+    assert lm_scores_matter(RunConfig.for_plan("cpu", {"infer": {"lm_weight": 0.5}}))
+    assert lm_scores_matter(RunConfig.for_plan("cpu", {"infer": {"calibrate_lm_weight": True}}))

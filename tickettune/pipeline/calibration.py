@@ -6,11 +6,19 @@ from __future__ import annotations
 import logging
 
 from tickettune.pipeline import intent, modeling
+from tickettune.pipeline.config import RunConfig
 from tickettune.pipeline.embeddings import embed
 from tickettune.pipeline.encoder import IntentEncoder
 from tickettune.pipeline.ticket_model import TicketModel
 
 log = logging.getLogger(__name__)
+
+
+def lm_scores_matter(cfg: RunConfig) -> bool:
+    """Whether the LM's label scores can change an answer: not when its intent weight is fixed at 0
+    (`infer.calibrate_lm_weight` false and `infer.lm_weight` 0, the CPU plan's default), where neither
+    calibration nor prediction scores labels, so the run does not time scoring either."""
+    return cfg.infer.calibrate_lm_weight or cfg.infer.lm_weight > 0
 
 
 def calibrate(model: TicketModel, held: set[int], *, encoder: IntentEncoder | None,

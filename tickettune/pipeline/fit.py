@@ -30,7 +30,7 @@ import numpy as np
 from tickettune.pipeline import budget, modeling, train
 from tickettune.pipeline import encoder as encoder_module
 from tickettune.pipeline import plan as plan_module
-from tickettune.pipeline.calibration import calibrate
+from tickettune.pipeline.calibration import calibrate, lm_scores_matter
 from tickettune.pipeline.config import RunConfig
 from tickettune.pipeline.embeddings import load_embedder
 from tickettune.pipeline.encoder import IntentEncoder
@@ -62,7 +62,8 @@ def fit(base, tokenizer, plan: Plan, cfg: RunConfig, index: RetrievalIndex, *, v
                                  references=reference_replies(draft, cfg.infer.n_references),
                                  labels_in_prompt=list(index.labels) if cfg.infer.list_labels else None,
                                  max_ticket_tokens=cfg.infer.max_ticket_tokens, seed=cfg.seed)
-    costs = measure_costs(draft, seqs, held, cfg.infer.reply_source != RETRIEVE) if deadline else None
+    costs = measure_costs(draft, seqs, held, generation=cfg.infer.reply_source != RETRIEVE,
+                          scoring=lm_scores_matter(cfg)) if deadline else None
     with torch_rng_kept():  # the encoder seeds torch itself; the adapters' draws stay as without it
         encoder = fit_encoder(index, held, cfg, plan, encoder_deadline(draft, seqs, held, val_rows, costs, deadline))
     schedule = plan_budget(draft, seqs, held, val_rows=val_rows, costs=costs, deadline=deadline)  # both adapters

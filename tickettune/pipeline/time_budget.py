@@ -56,10 +56,12 @@ def plan_budget(model: TicketModel, seqs: list, held: set[int], *, val_rows: int
     return schedule
 
 
-def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bool) -> budget.Costs:
+def measure_costs(model: TicketModel, seqs: list, held: set[int], *, generation: bool,
+                  scoring: bool = True) -> budget.Costs:
     """This machine's costs, measured on a few real rows: a forward and backward pass of an intent
-    and a reply batch (gradients thrown away: nothing is learnt), scoring a few tickets, and a few
-    decoding steps of a generation batch (`generation`: when the run may generate)."""
+    and a reply batch (gradients thrown away: nothing is learnt), scoring a few tickets (`scoring`:
+    when the LM's label scores can matter, `calibration.lm_scores_matter`; else they cost 0), and a
+    few decoding steps of a generation batch (`generation`: when the run may generate)."""
     cfg, plan, net, tokenizer = model.config, model.plan, model.model, model.tokenizer
     per_token = {}
     for task, adapter in (("intent", modeling.INTENT_ADAPTER), ("reply", modeling.REPLY_ADAPTER)):
@@ -71,12 +73,7 @@ def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bo
         with modeling.adapter(net, adapter):
             per_token[task] = train.time_step(net, tokenizer, batch, lambda: modeling.training_context(plan)) \
                 / sum(len(s.input_ids) for s in batch)
-    tickets = [e.ticket for e in model.index.examples[:PROBE_TICKETS]]
-    with modeling.autocast(plan), modeling.adapter(net, modeling.INTENT_ADAPTER):
-        only = [list(range(min(intent.TOP_K, len(model.index.labels))))] * len(tickets)  # as prediction scores
-        score_s = min(_seconds(lambda: intent.score_labels(net, tokenizer, tickets, list(model.index.labels),
-                                                            cfg.infer.score_batch_size, cfg.infer.list_labels, only=only))
-                      for _ in range(2)) / len(tickets)  # the second call is warm
+    score_s = _scoring_seconds(model) if scoring else 0.0
     generate_s = 0.0
     if generation:
         from tickettune.pipeline.generate import generate
@@ -90,6 +87,17 @@ def measure_costs(model: TicketModel, seqs: list, held: set[int], generation: bo
         step = max(0.0, longer - prefill) / PROBE_NEW_TOKENS   # one decoding step of the whole batch
         generate_s = (prefill + DECODE_GROWTH * step * cfg.infer.max_new_tokens) / len(prompt_ids)
     return budget.Costs(per_token["intent"], per_token["reply"], score_s, generate_s)
+
+
+def _scoring_seconds(model: TicketModel) -> float:
+    """Seconds to score one ticket's candidate labels (as prediction scores them), on a few tickets."""
+    cfg, net, tokenizer = model.config, model.model, model.tokenizer
+    tickets = [e.ticket for e in model.index.examples[:PROBE_TICKETS]]
+    with modeling.autocast(model.plan), modeling.adapter(net, modeling.INTENT_ADAPTER):
+        only = [list(range(min(intent.TOP_K, len(model.index.labels))))] * len(tickets)  # as prediction scores
+        return min(_seconds(lambda: intent.score_labels(net, tokenizer, tickets, list(model.index.labels),
+                                                         cfg.infer.score_batch_size, cfg.infer.list_labels, only=only))
+                   for _ in range(2)) / len(tickets)  # the second call is warm
 
 
 def encoder_deadline(model: TicketModel, seqs: list, held: set[int], val_rows: int, costs: budget.Costs | None,
