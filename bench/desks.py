@@ -200,7 +200,7 @@ def draw(bitext: int, banking: int, fixed: bool) -> list[Desk]:
 
 def expert_scores(desk: Desk, cfg, cache: Path | None) -> dict:
     """Per desk: the held-out queries' and the val rows' log-probabilities from each embedding expert
-    (as `fit.calibrate` and `TicketModel.predict` compute them), the nearest train ticket of each val
+    (as `calibration.calibrate` and `TicketModel.predict` compute them), the nearest train ticket of each val
     row, and the encoder's seconds. Cached under `cache` by the desk's content."""
     from tickettune.pipeline.embeddings import selected_encoder
 
@@ -266,7 +266,7 @@ def fast_desk(desk: Desk, cfg, cache: Path | None, setfit: bool) -> dict:
 
     scores = expert_scores(desk, cfg, cache)
     labels = sorted({e.intent for e in desk.train})
-    names = intent.weighed_experts(desk.has_replies, True)  # as fit.calibrate: no prototypes without replies
+    names = intent.weighed_experts(desk.has_replies, True)  # as calibration.calibrate: no prototypes without replies
     held = {n: scores[f"held_{n}"] for n in names if f"held_{n}" in scores}
     gold, rows = scores.get("held_gold", np.zeros(0, dtype=int)), scores.get("held_rows", np.zeros(0, dtype=int))
     val = {n: scores[f"val_{n}"] for n in names}

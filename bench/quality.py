@@ -36,7 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import bitext_sample  # noqa: E402  (bench/, beside this file)
 from tickettune.pipeline.data import load_labels, load_train, load_val  # noqa: E402
-from tickettune.tools.evaluate import parse_results, score  # noqa: E402
+from tickettune.tools.evaluate import score  # noqa: E402
+from tickettune.tools.results_file import parse_results  # noqa: E402
 from tickettune.tools.judge import offline_scores  # noqa: E402
 
 COLUMNS = ("intent", "probes", "must-mention", "must-not", "reply sim", "reply", "composite", "wall s", "peak MB")

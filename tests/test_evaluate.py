@@ -19,12 +19,11 @@ from tickettune.tools.evaluate import (
     mentions,
     normalise_intent,
     normalise_synonyms,
-    parse_results,
-    read_results,
     row_reply_score,
     score,
 )
 from tickettune.tools.grade import main
+from tickettune.tools.results_file import parse_results, read_results
 
 TRAINING = {"steps": 10, "train_loss": 1.0, "val_loss": 1.2, "wall_clock_s": 300.0}
 

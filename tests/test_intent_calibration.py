@@ -9,7 +9,7 @@ import pytest
 from tickettune.pipeline import budget
 from tickettune.pipeline.config import RunConfig
 from tickettune.pipeline.data import Example
-from tickettune.pipeline.fit import encoder_deadline
+from tickettune.pipeline.time_budget import encoder_deadline
 from tickettune.pipeline.intent import choose_weights, ensemble_weights, heldout_queries
 
 
@@ -114,10 +114,20 @@ def test_without_replies_the_prototypes_are_not_weighed_and_the_prior_is_the_enc
 def test_with_nothing_held_out_every_embedding_expert_counts_equally_and_the_lm_not_at_all(rows_per_intent):
     """With no held-out rows (here: too few rows to hold any out) the LM's worth is unknown: weight 0;
     the embedding experts count equally, as they do everywhere."""
-    from tickettune.pipeline.fit import calibrate
+    from tickettune.pipeline.calibration import calibrate
 
     examples = [Example(f"r{i}{j}", f"ticket {i} {j}", f"intent.{i}", f"reply {i}")
                 for i in range(3) for j in range(rows_per_intent)]
     index = SimpleNamespace(examples=examples, labels=tuple(sorted({e.intent for e in examples})))
-    model = SimpleNamespace(config=RunConfig.for_plan("cpu", {}), index=index, encoder=object())
-    assert calibrate(model, held=set(), lm_trained=True) == {"proto": 1.0, "logreg": 1.0, "encoder": 1.0, "lm": 0.0}
+    model = SimpleNamespace(config=RunConfig.for_plan("cpu", {}), index=index)
+    assert calibrate(model, held=set(), encoder=object(), lm_trained=True) == {"proto": 1.0, "logreg": 1.0, "encoder": 1.0, "lm": 0.0}
+
+
+def test_label_scores_are_not_timed_where_the_lm_weight_is_fixed_at_zero():
+    """The CPU plan fixes the LM's intent weight at 0: no label score can change an answer there."""
+    from tickettune.pipeline.calibration import lm_scores_matter
+
+    assert not lm_scores_matter(RunConfig.for_plan("cpu", {}))
+    assert lm_scores_matter(RunConfig.for_plan("cuda", {}))
+    assert lm_scores_matter(RunConfig.for_plan("cpu", {"infer": {"lm_weight": 0.5}}))
+    assert lm_scores_matter(RunConfig.for_plan("cpu", {"infer": {"calibrate_lm_weight": True}}))

@@ -62,9 +62,10 @@ def test_training_stops_at_the_deadline(tiny_model, tokenizer):
 
     model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
     seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], i) for i in range(6)]
-    done = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=2), 2, 0)
+    done = train(model, tokenizer, seqs, set(), cfg=TrainConfig(batch_size=2), epochs=2, seed=0)
     assert done.steps == 6 and not done.stopped_early and np.isfinite(done.train_loss)
-    late = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=2), 2, 0, deadline=time.monotonic() - 1)
+    late = train(model, tokenizer, seqs, set(), cfg=TrainConfig(batch_size=2), epochs=2, seed=0,
+                 deadline=time.monotonic() - 1)
     assert late.steps == 0 and late.stopped_early
     model.unload()
 
@@ -112,13 +113,13 @@ def test_a_batch_that_runs_out_of_memory_is_trained_in_micro_batches(tiny_model,
     model = _lora(tiny_model)
     seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], i) for i in range(8)]
     limit = 1
-    done = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=4), 2, 0)
+    done = train(model, tokenizer, seqs, set(), cfg=TrainConfig(batch_size=4), epochs=2, seed=0)
     assert done.steps == 4 and np.isfinite(done.train_loss)
     assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}  # the split is remembered after the first OOM
     assert "micro-batches" in caplog.text
     limit, sizes[:] = 0, []  # not even one row fits: every step is skipped, the run goes on
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    skipped = train(model, tokenizer, seqs, set(), TrainConfig(batch_size=4), 1, 0)
+    skipped = train(model, tokenizer, seqs, set(), cfg=TrainConfig(batch_size=4), epochs=1, seed=0)
     assert skipped.steps == 2 and np.isnan(skipped.train_loss) and "does not fit in memory: skipped" in caplog.text
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     model.unload()
@@ -159,7 +160,7 @@ def test_a_row_that_never_fits_costs_only_itself(tiny_model, tokenizer, monkeypa
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     try:
         value, n_tok, chunks = _gradients(model, short + [long], tokenizer.pad_token_id, "cpu",
-                                          contextlib.nullcontext, 1, opt)
+                                          contextlib.nullcontext, chunks=1, opt=opt)
         got = _grads(model)
     finally:
         hook.remove()
@@ -215,7 +216,7 @@ def test_a_val_loss_that_nothing_could_measure_is_none_in_the_history(tiny_model
     model = _lora(tiny_model)
     seqs = [Sequence([1, 2, 3, 4], [-100, -100, 3, 4], i) for i in range(4)]
     try:
-        done = train(model, tokenizer, seqs, {0}, TrainConfig(batch_size=2), 1, 0)
+        done = train(model, tokenizer, seqs, {0}, cfg=TrainConfig(batch_size=2), epochs=1, seed=0)
     finally:
         model.unload()
     assert [h["val_loss"] for h in done.history if "val_loss" in h] == [None]

@@ -153,7 +153,7 @@ def test_with_nothing_held_out_the_run_generates_and_says_why():
 
     from tickettune.pipeline.config import RunConfig
     from tickettune.pipeline.data import Example
-    from tickettune.pipeline.fit import choose_reply_policy
+    from tickettune.pipeline.reply_policy import choose_reply_policy
     from tickettune.pipeline.replies import ReplyBank
 
     examples = [Example(f"r{i}", f"ticket {i}", f"intent.{i}", f"Reply {i}.") for i in range(3)]
@@ -166,3 +166,14 @@ def test_with_nothing_held_out_the_run_generates_and_says_why():
     assert choose_reply_policy(forced, held=set()).source == "retrieve"
     cpu = SimpleNamespace(**{**vars(model), "config": RunConfig.for_plan("cpu", {})})  # the CPU plan composes by default
     assert choose_reply_policy(cpu, held=set()).source == "retrieve"
+
+
+def test_one_vocabulary_for_reply_sources_and_actions():
+    """The words for where a reply comes from live in `replies`; the saved values stay as they were."""
+    from tickettune.pipeline import config, grounding, replies
+
+    assert config.REPLY_SOURCES is replies.REPLY_SOURCES == ("auto", "generate", "retrieve")
+    assert replies.POLICY_SOURCES == ("generate", "retrieve") and replies.ReplyPolicy().source == "generate"
+    assert replies.REPLY_ACTIONS == ("retrieved", "generated", "repaired", "fallback")
+    assert {grounding.ground(None, True, ["Open Settings."]).action,
+            grounding.ground("Open Settings.", True, ["Open Settings."]).action} <= set(replies.REPLY_ACTIONS)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tickettune.pipeline.data import Label
-from tickettune.tools.evaluate import parse_results, score
+from tickettune.tools.evaluate import score
+from tickettune.tools.results_file import parse_results
 from tickettune.tools.report import (
     NO_PREDICTION,
     confusion,

@@ -1,7 +1,7 @@
 """The time budget: measured costs in, a training plan out — how many rows train the adapters, for
 how many epochs — so that training and prediction share the run's wall-clock sensibly.
 
-Costs are measured on this machine, not assumed (`Costs`, filled by `fit.measure_costs`): seconds
+Costs are measured on this machine, not assumed (`Costs`, filled by `time_budget.measure_costs`): seconds
 per training token of each adapter, seconds per ticket of intent scoring, and seconds per generated
 reply. The plan (`plan_training`):
 1. The *mandatory* work is reserved first: scoring the held-out rows for the calibration and

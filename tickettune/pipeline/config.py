@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tickettune.pipeline.replies import AUTO, REPLY_SOURCES, RETRIEVE
+
 
 ENCODERS = ("minilm", "mpnet")     # the sentence encoder under retrieval and the intent encoder
 DEFAULT_ENCODER = "minilm"
@@ -70,14 +72,11 @@ class EncoderConfig:
     bf16: bool = True               # bf16 autocast for training where the CPU has bf16
     fit_schedule: bool = True       # under a deadline, end the learning-rate decay where the time ends
     time_share: float = 0.25        # of the time left, at most, when the run has a deadline
-    time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (fit.encoder_deadline)
+    time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (time_budget.encoder_deadline)
     # the sentence encoder, a plan choice (`--encoder`, else $TICKETTUNE_ENCODER, else this): the frozen
     # embedder of retrieval and the base of the intent encoder. "minilm": the bundled all-MiniLM-L6-v2
     # (384-d); "mpnet": all-mpnet-base-v2 (768-d) that scripts/setup.sh verifies into a cache folder
     model: str = DEFAULT_ENCODER
-
-
-REPLY_SOURCES = ("auto", "generate", "retrieve")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ class InferConfig:
     calibrate_lm_weight: bool = True  # choose the LM's weight on the held-out rows with the others
     list_labels: bool = False       # show the taxonomy in the intent prompt (helps large models)
     repair_replies: bool = True     # grounding rule 3: drop unsupported sentences, restore key facts
-    reply_source: str = "auto"      # "auto": generate or compose, as the held-out rows say; or force one
+    reply_source: str = AUTO        # AUTO: generate or retrieve (compose), as the held-out rows say; or force one
     merge_adapter: bool = False     # merge LoRA into the base weights for prediction (after saving)
 
 
@@ -119,7 +118,7 @@ class RunConfig:
         # time; its adapters still train (the contract's LoRA fine-tune, val_loss) and either use is one
         # setting away (`infer.reply_source`, `infer.calibrate_lm_weight`). The GPU plan's 7B model keeps
         # both, each gated by the held-out rows: no desk here could measure it (docs/decisions.md).
-        base = cls(infer=InferConfig(reply_source="retrieve", calibrate_lm_weight=False, lm_weight=0.0)) \
+        base = cls(infer=InferConfig(reply_source=RETRIEVE, calibrate_lm_weight=False, lm_weight=0.0)) \
             if device == "cpu" else cls(
             train=TrainConfig(lr=2e-4, epochs=3, reply_epochs=3, batch_size=8, augment_copies=1, max_batch_tokens=2048),
             infer=InferConfig(gen_batch_size=64, score_batch_size=16, max_new_tokens=160,

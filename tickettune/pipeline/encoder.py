@@ -186,14 +186,12 @@ class IntentEncoder:
         self.coef, self.intercept = fit_linear_head(self.embed(texts), y, len(self.labels), cfg.head_C)
 
     @classmethod
-    def fit(cls, texts: list[str], y: np.ndarray, labels: list[str], cfg: EncoderConfig, seed: int,
+    def fit(cls, texts: list[str], y: np.ndarray, labels: list[str], cfg: EncoderConfig, *, seed: int,
             deadline: float | None = None, choice: str | None = None) -> "IntentEncoder":
         """Fine-tune the sentence encoder on (`texts`, `y`) as the module says and fit the head.
         Stops early at `deadline` (monotonic s). `choice`: the encoder, by default the process's
         (`embeddings.selected_encoder`, which run.py sets from `cfg.model`): the one the index embeds with."""
         import torch
-        import torch.nn.functional as F
-        from peft import LoraConfig, get_peft_model
 
         from tickettune.pipeline.embeddings import ENV_EMBEDDER, selected_encoder
 
@@ -201,12 +199,7 @@ class IntentEncoder:
         if choice != cfg.model and not os.environ.get(ENV_EMBEDDER):
             log.warning("intent encoder: built on %s (the process's encoder) while the config says %s: "
                         "run.py selects the config's (embeddings.select_encoder)", choice, cfg.model)
-        model, tokenizer = load_base_encoder(choice)
-        torch.manual_seed(seed)
-        for p in model.embeddings.parameters():
-            p.requires_grad_(False)
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
-                                                 target_modules=lora_targets(model), bias="none"))
+        model, tokenizer = _lora_encoder(choice, cfg, seed)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
         planned = max(cfg.min_steps, min(cfg.max_steps, math.ceil(cfg.epochs * len(texts) / cfg.batch_size)))
@@ -221,21 +214,8 @@ class IntentEncoder:
                 schedule.refit(done, time.perf_counter() - t0, deadline - time.monotonic())
             if done >= schedule.horizon or (deadline is not None and time.monotonic() > deadline):
                 break
-            width = max(len(ids[i]) for i in batch)
-            inp = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                inp[r, :len(ids[i])] = torch.tensor(ids[i])
-                mask[r, :len(ids[i])] = 1
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                hidden = model(input_ids=inp, attention_mask=mask).last_hidden_state
-            emb = F.normalize(_mean_pool(hidden.float(), mask), dim=-1)
-            loss = supcon_loss(emb, labels_t[batch], cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            losses.append(_supcon_step(model, [ids[i] for i in batch], labels_t[batch], cfg, opt))
             sched.step()
-            losses.append(float(loss.detach()))
             done += 1
         if done < planned:
             log.warning("intent encoder: stopped at step %d/%d to fit the time budget", done, planned)
@@ -283,6 +263,43 @@ class IntentEncoder:
         head = load_file(str(folder / HEAD_FILE))
         return cls(list(labels), model, tokenizer, head["coef"], head["intercept"], max_length, choice=choice,
                    adapter=adapter)
+
+
+def _lora_encoder(choice: str, cfg: EncoderConfig, seed: int):
+    """(PeftModel, tokenizer): the base sentence encoder `choice` with fresh LoRA weights (seeded; the
+    embedding layer frozen)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base_encoder(choice)
+    torch.manual_seed(seed)
+    for p in model.embeddings.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                                             target_modules=lora_targets(model), bias="none"))
+    return model, tokenizer
+
+
+def _supcon_step(model, rows: list[list[int]], labels, cfg: EncoderConfig, opt) -> float:
+    """One optimiser step of the supervised contrastive loss over the token-id `rows` (right-padded
+    into one batch) and their `labels` (a tensor); returns the loss."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(r) for r in rows)
+    inp = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        inp[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        hidden = model(input_ids=inp, attention_mask=mask).last_hidden_state
+    emb = F.normalize(_mean_pool(hidden.float(), mask), dim=-1)
+    loss = supcon_loss(emb, labels, cfg.temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def _mean_pool(hidden, mask):

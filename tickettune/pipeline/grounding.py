@@ -14,7 +14,7 @@ Pure text. The rule, decided without labels:
    trimmed to its last full sentence first.
 Measured on the two sample sets with the same generations: must-mention 0.78/0.80 with
 "shared facts only" -> 0.84/0.86 with rules 1-3. Whether a run writes replies by generation at
-all is not decided here but by the run's own held-out rows (`replies`, `fit.choose_reply_policy`).
+all is not decided here but by the run's own held-out rows (`replies`, `reply_policy.choose_reply_policy`).
 
 Does not judge style or correctness beyond these checks.
 """
@@ -127,10 +127,17 @@ def trim_to_sentence(text: str) -> str:
     return " ".join(parts[:-1]) if len(parts) > 1 else text.strip()
 
 
+# What became of one row's reply (`replies` holds the whole vocabulary of reply sources and actions)
+RETRIEVED = "retrieved"    # composed from the desk's replies, no generation asked for
+GENERATED = "generated"    # the generation, as written (trimmed to its last full sentence)
+REPAIRED = "repaired"      # the generation, unsupported sentences dropped and key facts restored
+FALLBACK = "fallback"      # the generation failed the rule above: the composed reply instead
+
+
 @dataclass(frozen=True)
 class Grounded:
     reply: str
-    action: str            # "generated" | "repaired" | "fallback"
+    action: str            # GENERATED | REPAIRED | FALLBACK here; RETRIEVED for a composed reply
     detail: str = ""
 
 
@@ -139,21 +146,21 @@ def ground(generated: str | None, finished: bool, references: list[str], repair:
     """Apply the module's rule to one generation; `references` are nearest first. `fallback` (default:
     the nearest reference) replaces a generation that failed, degenerated or kept no sentence."""
     if not references:
-        return Grounded((generated or "").strip(), "generated", "no references")
+        return Grounded((generated or "").strip(), GENERATED, "no references")
     fallback = (fallback or references[0]).strip()
     if generated is None:
-        return Grounded(fallback, "fallback", "generation failed")
+        return Grounded(fallback, FALLBACK, "generation failed")
     why = degenerate(generated, finished)
     if why:
-        return Grounded(fallback, "fallback", why)
+        return Grounded(fallback, FALLBACK, why)
     reply = generated.strip() if finished else trim_to_sentence(generated)
     if not repair:
-        return Grounded(reply, "generated")
+        return Grounded(reply, GENERATED)
     sources = " ".join(references + [ticket])
     sentences = _SENTENCE.split(reply)
     kept = [s for s in sentences if supported(s, sources)]
     if not kept:
-        return Grounded(fallback, "fallback", "every sentence states an unsupported fact")
+        return Grounded(fallback, FALLBACK, "every sentence states an unsupported fact")
     dropped = len(sentences) - len(kept)
     reply = " ".join(kept)
     missing = missing_facts(reply, key_facts(references))
@@ -165,6 +172,6 @@ def ground(generated: str | None, finished: bool, references: list[str], repair:
                 added.append(sentence)
                 missing -= gained
     if not added and not dropped:
-        return Grounded(reply, "generated")
-    return Grounded(" ".join([reply] + added), "repaired",
+        return Grounded(reply, GENERATED)
+    return Grounded(" ".join([reply] + added), REPAIRED,
                     f"dropped {dropped} unsupported, restored {len(added)} sentence(s)")

@@ -217,7 +217,7 @@ def heldout_queries(examples: list[Example], held: set[int], copies: int,
 
 
 def score_labels(model, tokenizer, tickets: list[str], labels: list[str], batch_size: int,
-                 labels_in_prompt: bool = False, only: list[list[int]] | None = None) -> np.ndarray:
+                 labels_in_prompt: bool = False, *, only: list[list[int]] | None = None) -> np.ndarray:
     """log P(label | ticket) under `model`, normalised over `labels`, or over each ticket's `only`
     candidates (the others -inf). Returns (Q, C) float64."""
     shown = labels if labels_in_prompt else None

@@ -25,7 +25,7 @@ support tickets they are as often the desk's own address as the customer's.
 cosine to the ideal reply (the judge) + ¼ recall of the ideal's facts (must-mention) + ¼ precision
 of the candidate's facts (must-not-mention: a sibling case's facts count against it). The run
 chooses `k` by this proxy, leave-one-out over its own train rows (`choose_extra_sentences`), and
-generation versus composition on its held-out rows (`fit.choose_reply_policy`).
+generation versus composition on its held-out rows (`reply_policy.choose_reply_policy`).
 
 Pure numpy and text over precomputed, L2-normalised embeddings: no model here.
 """
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tickettune.pipeline.augment import STOPWORDS
-from tickettune.pipeline.grounding import facts, split_sentences
+from tickettune.pipeline.grounding import FALLBACK, GENERATED, REPAIRED, RETRIEVED, facts, split_sentences
 from tickettune.pipeline.stats import significant_gain
 
 RANK_WEIGHTS = (1.0, 2.0, 0.5)   # ticket cosine, reply cosine, content-word overlap (chosen on data/northstar)
@@ -47,6 +47,21 @@ EXTRA_SENTENCES = (0, 1, 2)      # the composition sizes the run chooses among
 COMPOSE_FROM = 2                 # replies after the best one that may lend sentences
 RELEVANCE_GATE = 0.9             # a lent sentence's cosine to the ticket / the reply's (chosen on data/northstar)
 LOO_ROWS = 300                   # train rows the leave-one-out choice of k looks at, at most
+HELDOUT_REPLIES = 16             # held-out rows the reply policy generates for, at most
+
+# One vocabulary for where a reply comes from. A *source* is how a run writes replies: the config's
+# `infer.reply_source` (one of REPLY_SOURCES: AUTO lets the run choose, `reply_policy`) and the saved
+# `ReplyPolicy.source` (one of POLICY_SOURCES; tickettune.json keeps it, so these values never change
+# and old weights folders load). An *action* is what became of one row's reply (REPLY_ACTIONS: the
+# diagnostics' `reply_action`, the server's `reply_source`; set by `grounding.ground` and
+# `TicketModel.write_replies`). The docs' "compose" is the RETRIEVE source: a reply composed from the
+# desk's own replies (`ReplyBank.compose`).
+#   source RETRIEVE -> action RETRIEVED
+#   source GENERATE -> action GENERATED, REPAIRED, or FALLBACK (the composed reply)
+RETRIEVE, GENERATE, AUTO = "retrieve", "generate", "auto"
+POLICY_SOURCES = (GENERATE, RETRIEVE)
+REPLY_SOURCES = (AUTO, GENERATE, RETRIEVE)
+REPLY_ACTIONS = (RETRIEVED, GENERATED, REPAIRED, FALLBACK)
 _WORD = re.compile(r"[a-z0-9$€£%]+")
 _IDENTIFIER = re.compile(r"(?<![\w.,])\d{5,}(?![\w]|[.,]\d)")  # five digits or more, not part of a price
 
@@ -72,7 +87,7 @@ def content_words(text: str) -> frozenset[str]:
 @dataclass(frozen=True)
 class ReplyPolicy:
     """How this run writes replies, and the evidence it chose by (saved with the model)."""
-    source: str = "generate"        # "generate": the reply adapter writes, grounded; "retrieve": `compose`
+    source: str = GENERATE          # GENERATE: the reply adapter writes, grounded; RETRIEVE: `compose`
     extra_sentences: int = 0        # `compose`'s k, for retrieved replies and generation fallbacks
     evidence: dict = field(default_factory=dict)
 

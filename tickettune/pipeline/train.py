@@ -8,7 +8,7 @@ sequences are ~5x longer: this is where CPU time goes). Loss is on the assistant
 val_loss: a stratified slice of train (`holdout_frac`, only from intents that keep >= 1 row) is
 held out, and neither adapter ever trains on it: each adapter's loss there is measured at the end,
 and val_loss is the token-weighted mean of the two. The same rows decide whether the LM enters the
-intent ensemble (`fit.calibrate`) and whether replies are generated (`fit.choose_reply_policy`);
+intent ensemble (`calibration.calibrate`) and whether replies are generated (`reply_policy`);
 the retrieval index, the prototypes and the encoder's final head still use every row, so the
 taxonomy loses nothing. When nothing can be held out (one row per intent, < 5 rows) val_loss is the
 progressive loss of epoch 1: each batch's loss taken before the optimiser step that uses it.
@@ -55,9 +55,10 @@ class TrainResult:
     val_tokens: int = 0
 
 
-def build_sequences(examples: list[Example], tokenizer, cfg: TrainConfig, references: list[list[str]],
+def build_sequences(examples: list[Example], tokenizer, cfg: TrainConfig, *, references: list[list[str]],
                     labels_in_prompt: list[str] | None, max_ticket_tokens: int, seed: int) -> list[Sequence]:
-    """All training sequences: per row, the intent task (+ noisy copies) and the reply task."""
+    """All training sequences: per row, the intent task (+ noisy copies) and the reply task (from
+    `references[row]`); `labels_in_prompt`: the label list the intent prompt shows (None: none)."""
     rng = random.Random(seed)
     seqs = []
     for row, ex in enumerate(examples):
@@ -169,7 +170,7 @@ def _weighted(pairs: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else float("nan")
 
 
-def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConfig, epochs: int, seed: int,
+def train(model, tokenizer, seqs: list[Sequence], held: set[int], *, cfg: TrainConfig, epochs: int, seed: int,
           deadline: float | None = None, autocast=contextlib.nullcontext, task: str = "intent") -> TrainResult:
     """Run the LoRA loop over `seqs` on the active adapter, never on the rows in `held` (their loss,
     measured at the end, is the val_loss). Stops at `deadline` (monotonic s).
@@ -178,10 +179,6 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     region the adapter did not learn at all (loss flat at ~7), while forward-only autocast matches
     fp32's loss curve at 1.8x the speed.
     """
-    import torch
-
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
     rng = random.Random(seed)
     trained = [s for s in seqs if s.row not in held]
     held_seqs = [s for s in seqs if s.row in held]
@@ -190,15 +187,9 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     total = sum(len(p) for p in plan)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-
+    loop = _Loop.start(model, tokenizer.pad_token_id, autocast, cfg, total)
     history: list[dict] = []
-    step, stopped, tokens = 0, False, 0
-    chunks = 1  # micro-batches per batch: doubled (for the rest of training) when a batch runs out of memory
+    stopped = False
     val_loss, val_tokens = float("nan"), 0
     progressive = [0.0, 0]  # loss·tokens and tokens of epoch 1, before each update
     epoch_loss = [0.0, 0]
@@ -207,34 +198,22 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
     for epoch in range(epochs):
         epoch_loss = [0.0, 0]
         for batch in plan[epoch]:
-            if step >= total or (deadline is not None and time.monotonic() > deadline):
-                stopped = step < total
+            if loop.step >= total or (deadline is not None and time.monotonic() > deadline):
+                stopped = loop.step < total
                 break
-            value, n_tok, chunks = _gradients(model, batch, pad_id, device, autocast, chunks, opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if n_tok and torch.isfinite(norm):
-                opt.step()
-            elif n_tok:  # one bad batch must not write NaN into the whole adapter
-                log.warning("%s step %d: non-finite gradient norm, update skipped", task, step + 1)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            tokens += sum(len(s.input_ids) for s in batch)
-            if n_tok:
-                epoch_loss[0] += value * n_tok
-                epoch_loss[1] += n_tok
-                if epoch == 0:
-                    progressive[0] += value * n_tok
-                    progressive[1] += n_tok
-            step += 1
-            history.append({"step": step, "epoch": epoch + 1, "task": task,
+            value, n_tok = loop.update(batch, task)
+            for tally in ([epoch_loss, progressive] if epoch == 0 else [epoch_loss]) if n_tok else []:
+                tally[0] += value * n_tok
+                tally[1] += n_tok
+            history.append({"step": loop.step, "epoch": epoch + 1, "task": task,
                             "loss": round(value, 5) if math.isfinite(value) else None})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
-        last = epoch == epochs - 1 or step >= total or stopped
-        if held_seqs and step and last:  # an untrained adapter: no val_loss
+        last = epoch == epochs - 1 or loop.step >= total or stopped
+        if held_seqs and loop.step and last:  # an untrained adapter: no val_loss
             with autocast():
                 val_loss, val_tokens = evaluate_loss(model, tokenizer, held_seqs, cfg.batch_size)
-            history.append({"step": step, "epoch": epoch + 1, "task": task,
+            history.append({"step": loop.step, "epoch": epoch + 1, "task": task,
                             "val_loss": round(val_loss, 5) if math.isfinite(val_loss) else None})
             model.train()
         if last:
@@ -245,11 +224,55 @@ def train(model, tokenizer, seqs: list[Sequence], held: set[int], cfg: TrainConf
         val_loss, val_tokens = (progressive[0] / progressive[1], progressive[1]) if progressive[1] else (float("nan"), 0)
     train_loss = epoch_loss[0] / epoch_loss[1] if epoch_loss[1] else float("nan")
     if stopped:
-        log.warning("%s training stopped early at step %d/%d to fit the time budget", task, step, total)
-    return TrainResult(step, tokens, train_loss, val_loss, history, stopped, epoch_loss[1], val_tokens)
+        log.warning("%s training stopped early at step %d/%d to fit the time budget", task, loop.step, total)
+    return TrainResult(loop.step, loop.tokens, train_loss, val_loss, history, stopped, epoch_loss[1], val_tokens)
 
 
-def _gradients(model, batch: list[Sequence], pad_id: int, device, autocast, chunks: int, opt):
+@dataclass
+class _Loop:
+    """One adapter's optimiser, schedule and step count, and the micro-batch split it trains with."""
+    model: object
+    pad_id: int
+    device: object
+    autocast: object
+    params: list
+    opt: object
+    sched: object
+    step: int = 0
+    tokens: int = 0   # non-padding tokens through forward+backward
+    chunks: int = 1   # micro-batches per batch: doubled (for the rest of training) when a batch runs out of memory
+
+    @classmethod
+    def start(cls, model, pad_id: int, autocast, cfg: TrainConfig, total: int) -> "_Loop":
+        """AdamW over the trainable (LoRA) parameters, linear warmup then linear decay to 0 at `total`."""
+        import torch
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, int(cfg.warmup_frac * total))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+        return cls(model, pad_id, next(model.parameters()).device, autocast, params, opt, sched)
+
+    def update(self, batch: list[Sequence], task: str) -> tuple[float, int]:
+        """One optimiser step on `batch`: (its mean token loss, its scored tokens)."""
+        import torch
+
+        value, n_tok, self.chunks = _gradients(self.model, batch, self.pad_id, self.device, self.autocast,
+                                               chunks=self.chunks, opt=self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        if n_tok and torch.isfinite(norm):
+            self.opt.step()
+        elif n_tok:  # one bad batch must not write NaN into the whole adapter
+            log.warning("%s step %d: non-finite gradient norm, update skipped", task, self.step + 1)
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.tokens += sum(len(s.input_ids) for s in batch)
+        self.step += 1
+        return value, n_tok
+
+
+def _gradients(model, batch: list[Sequence], pad_id: int, device, autocast, *, chunks: int, opt):
     """Forward and backward of `batch`, leaving its gradient in the parameters; returns (mean token
     loss, scored tokens, micro-batches used). When the batch runs out of GPU memory the step is
     redone in twice as many micro-batches (gradients accumulated, token-weighted: the same

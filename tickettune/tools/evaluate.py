@@ -1,8 +1,8 @@
-"""The grader's published scoring rules, and a results file checked against them.
+"""The grader's published scoring rules, applied to a results file read by `results_file`.
 
-Owns the scoring rules (pure functions, no model) and the lenient reading of a results file. It
-does not judge replies itself (`judge`), draw anything (`report`), run the `eval` command
-(`grade`) or rerun jobs (`repro`).
+Owns the scoring rules (pure functions, no model). It does not read the results file itself
+(`results_file`: leniently, every problem collected), judge replies (`judge`), draw anything
+(`report`), run the `eval` command (`grade`) or rerun jobs (`repro`).
 
 The rules, exactly:
 
@@ -42,18 +42,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tickettune.pipeline.data import DataError, Label, TicketId
+from tickettune.tools.results_file import ParsedResults, kind_of
 
-TRAINING_FIELDS = ("steps", "train_loss", "val_loss", "wall_clock_s")
-# field -> (accepted types, description); bool is rejected everywhere even though it is an int
-PREDICTION_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "prediction": ((str,), "a string"),
-    "predicted_intent": ((str,), "a string"),
-    "latency_ms": ((int, float), "a number"),
-    "tokens_used": ((int,), "an integer"),
-}
 WEIGHTS = {"intent_accuracy": 0.4, "reply_score": 0.3, "probe_accuracy": 0.2, "efficiency": 0.1}
 FAST_S, SLOW_S = 600.0, 1800.0
 
@@ -121,109 +113,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-# --- results file: lenient reading, every problem collected ------------------------------------
-
-@dataclass(frozen=True)
-class ParsedResults:
-    """What could be used from a results file: valid training numbers, first prediction per id."""
-
-    training: dict[str, float]
-    predictions: dict[TicketId, dict]
-    problems: list[str]
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def parse_results(obj: Any, label_ids: list[TicketId]) -> ParsedResults:
-    """Check a decoded results object against the schema and the label ids, never raising."""
-    problems: list[str] = []
-    training: dict[str, float] = {}
-    predictions: dict[TicketId, dict] = {}
-    if not isinstance(obj, dict):
-        problems.append(f"results: expected a JSON object, got {_kind(obj)}")
-        obj = {}
-
-    raw_training = obj.get("training")
-    if "training" not in obj:
-        problems.append("results: missing 'training'")
-    elif not isinstance(raw_training, dict):
-        problems.append(f"results: 'training' must be an object, got {_kind(raw_training)}")
-    else:
-        for name in TRAINING_FIELDS:
-            value = raw_training.get(name)
-            if name not in raw_training:
-                problems.append(f"training: missing field '{name}'")
-            elif not _is_number(value):
-                problems.append(f"training: field '{name}' must be a finite number, got {value!r}")
-            elif name == "steps" and not isinstance(value, int):
-                problems.append(f"training: field 'steps' must be an integer, got {value!r}")
-            else:
-                if value < 0:
-                    problems.append(f"training: field '{name}' is negative ({value!r})")
-                training[name] = float(value)
-
-    raw_predictions = obj.get("predictions")
-    if "predictions" not in obj:
-        problems.append("results: missing 'predictions'")
-        raw_predictions = []
-    elif not isinstance(raw_predictions, list):
-        problems.append(f"results: 'predictions' must be a list, got {_kind(raw_predictions)}")
-        raw_predictions = []
-
-    known = set(label_ids)
-    first_index: dict[TicketId, int] = {}
-    for i, row in enumerate(raw_predictions):
-        where = f"predictions[{i}]"
-        if not isinstance(row, dict):
-            problems.append(f"{where}: expected an object, got {_kind(row)}")
-            continue
-        pid = row.get("id")
-        if "id" not in row:
-            problems.append(f"{where}: missing field 'id'")
-            continue
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
-            problems.append(f"{where}: field 'id' must be a non-empty string or integer, got {pid!r}")
-            continue
-        where = f"{where} (id {pid!r})"
-        if pid in first_index:
-            problems.append(f"{where}: duplicated id (first at predictions[{first_index[pid]}]); "
-                            f"only the first is scored")
-            continue
-        first_index[pid] = i
-        if pid not in known:
-            problems.append(f"{where}: unknown id (not in the labels)")
-            continue
-        for name, (types, want) in PREDICTION_FIELDS.items():
-            value = row.get(name)
-            if name not in row:
-                problems.append(f"{where}: missing field '{name}'")
-            elif isinstance(value, bool) or not isinstance(value, types) or (
-                    isinstance(value, float) and not math.isfinite(value)):
-                problems.append(f"{where}: field '{name}' must be {want}, got {_kind(value)} {value!r}"[:300])
-        predictions[pid] = row
-
-    for lid in label_ids:
-        if lid not in first_index:
-            problems.append(f"missing prediction for id {lid!r}")
-    return ParsedResults(training, predictions, problems)
-
-
-def read_results(path: str | Path) -> tuple[Any, list[str]]:
-    """Decode a results file; unreadable or malformed JSON is a problem, not an exception."""
-    try:
-        return json.loads(Path(path).read_bytes()), []
-    except OSError as exc:
-        return None, [f"{path}: cannot read file ({exc.strerror or exc})"]
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, [f"{path}: not valid JSON ({exc})"[:300]]
-
-
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     """A JSON object, label -> list of accepted alternatives; every problem raised as one DataError."""
     try:
@@ -233,7 +122,7 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError([f"{path}: not valid JSON ({exc})"]) from exc
     if not isinstance(obj, dict):
-        raise DataError([f"{path}: expected an object label -> [alternatives], got {_kind(obj)}"])
+        raise DataError([f"{path}: expected an object label -> [alternatives], got {kind_of(obj)}"])
     problems = [f"{path}: '{k}' must map to a list of strings" for k, v in obj.items()
                 if not isinstance(v, list) or not all(isinstance(a, str) for a in v)]
     if problems:

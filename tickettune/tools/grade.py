@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from tickettune.pipeline.data import DataError, load_labels
-from tickettune.tools.evaluate import ParsedResults, format_table, load_synonyms, parse_results, read_results, score
+from tickettune.tools.evaluate import format_table, load_synonyms, score
+from tickettune.tools.results_file import ParsedResults, parse_results, read_results
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -204,8 +204,6 @@ def judge_replies(pairs: list[tuple[str, str]], *, model: str = "gpt-4o-mini", b
         from openai import OpenAI
 
         client = OpenAI(max_retries=max_retries, timeout=60.0)  # reads OPENAI_API_KEY / OPENAI_BASE_URL
-    import openai
-
     cache = Path(cache_dir).expanduser()
     try:
         from tqdm.auto import tqdm
@@ -217,55 +215,11 @@ def judge_replies(pairs: list[tuple[str, str]], *, model: str = "gpt-4o-mini", b
         ideal, pred = pairs[i]
         key = cache_key(model, ideal, pred)
         path = cache / key[:2] / f"{key}.json"
-        cached = _read_cache(path)
-        if cached is not None:
-            scores[i] = cached
+        scores[i] = _read_cache(path)
+        if scores[i] is not None:
             run.cache_hits += 1
-            continue
-        if run.stopped:
-            continue
-        estimate = estimate_call_cost(model, ideal, pred)
-        if run.cost_usd + estimate > budget_usd:
-            run.stopped = "budget"
-            run.notes.append(f"budget reached: spent ${run.cost_usd:.4f}, next call ~${estimate:.4f} would pass "
-                             f"--budget-usd {budget_usd:.2f}; judge stopped calling")
-            log(f"judge: {run.notes[-1]}")
-            continue
-        try:
-            response = client.chat.completions.create(
-                model=model, temperature=0, max_tokens=MAX_COMPLETION_TOKENS,
-                response_format={"type": "json_object"},
-                messages=[{"role": "system", "content": RUBRIC},
-                          {"role": "user", "content": user_prompt(ideal, pred)}],
-            )
-        except openai.APIStatusError as exc:
-            run.stopped = f"HTTP {exc.status_code}"
-            run.notes.append(redact(f"judge stopped calling after HTTP {exc.status_code} from the API: "
-                                    f"{exc.message}")[:400])
-            log(f"judge: {run.notes[-1]}")
-            continue
-        except openai.APIError as exc:  # connection refused, timeout, malformed response
-            run.stopped = type(exc).__name__
-            run.notes.append(redact(f"judge stopped calling after {type(exc).__name__}: {exc}")[:400])
-            log(f"judge: {run.notes[-1]}")
-            continue
-        run.calls += 1
-        usage = getattr(response, "usage", None)
-        p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
-        c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
-        if usage is None:  # no usage reported: charge the estimate so the budget still holds
-            run.cost_usd += estimate
-        run.prompt_tokens += p_tok
-        run.completion_tokens += c_tok
-        run.cost_usd += cost_usd(model, p_tok, c_tok)
-        content = response.choices[0].message.content if response.choices else None
-        value = parse_score(content or "")
-        if value is None:
-            run.notes.append(f"row {i}: unparseable judge answer {redact(str(content))[:80]!r}; scored offline")
-            continue
-        scores[i] = value
-        _write_cache(path, {"score": value, "model": model, "rubric": RUBRIC_VERSION,
-                            "prompt_tokens": p_tok, "completion_tokens": c_tok})
+        elif not run.stopped:
+            scores[i] = _ask(client, run, i, pairs[i], path, log=log)
 
     left = [i for i, s in enumerate(scores) if s is None]
     if left:
@@ -277,3 +231,56 @@ def judge_replies(pairs: list[tuple[str, str]], *, model: str = "gpt-4o-mini", b
         log(f"judge: {run.notes[-1]}")
     run.scores = [float(s) for s in scores]
     return run
+
+
+def _ask(client, run: JudgeRun, row: int, pair: tuple[str, str], cache_path: Path, *,
+         log: Callable[[str], None]) -> float | None:
+    """The LLM judge's score of row `row`'s (ideal, prediction) `pair`, cached at `cache_path`, its
+    tokens and cost added to `run`; None (`run.stopped` or `run.notes` say why) when the budget
+    would be passed, the API fails (the judge then stops calling) or the answer has no score."""
+    import openai
+
+    model, budget_usd = run.model, run.budget_usd
+    ideal, pred = pair
+    estimate = estimate_call_cost(model, ideal, pred)
+    if run.cost_usd + estimate > budget_usd:
+        run.stopped = "budget"
+        run.notes.append(f"budget reached: spent ${run.cost_usd:.4f}, next call ~${estimate:.4f} would pass "
+                         f"--budget-usd {budget_usd:.2f}; judge stopped calling")
+        log(f"judge: {run.notes[-1]}")
+        return None
+    try:
+        response = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=MAX_COMPLETION_TOKENS,
+            response_format={"type": "json_object"},
+            messages=[{"role": "system", "content": RUBRIC},
+                      {"role": "user", "content": user_prompt(ideal, pred)}],
+        )
+    except openai.APIStatusError as exc:
+        run.stopped = f"HTTP {exc.status_code}"
+        run.notes.append(redact(f"judge stopped calling after HTTP {exc.status_code} from the API: "
+                                f"{exc.message}")[:400])
+        log(f"judge: {run.notes[-1]}")
+        return None
+    except openai.APIError as exc:  # connection refused, timeout, malformed response
+        run.stopped = type(exc).__name__
+        run.notes.append(redact(f"judge stopped calling after {type(exc).__name__}: {exc}")[:400])
+        log(f"judge: {run.notes[-1]}")
+        return None
+    run.calls += 1
+    usage = getattr(response, "usage", None)
+    p_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
+    c_tok = int(getattr(usage, "completion_tokens", 0) or 0)
+    if usage is None:  # no usage reported: charge the estimate so the budget still holds
+        run.cost_usd += estimate
+    run.prompt_tokens += p_tok
+    run.completion_tokens += c_tok
+    run.cost_usd += cost_usd(model, p_tok, c_tok)
+    content = response.choices[0].message.content if response.choices else None
+    value = parse_score(content or "")
+    if value is None:
+        run.notes.append(f"row {row}: unparseable judge answer {redact(str(content))[:80]!r}; scored offline")
+        return None
+    _write_cache(cache_path, {"score": value, "model": model, "rubric": RUBRIC_VERSION,
+                              "prompt_tokens": p_tok, "completion_tokens": c_tok})
+    return value

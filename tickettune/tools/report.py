@@ -250,8 +250,27 @@ def forgetting_section(summary: dict) -> str:
 
 def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss: bool,
                 title: str = "tickettune eval report", forgetting: dict | None = None) -> str:
-    s = ev.summary()
-    c, j = s["counts"], ev.judge
+    """The report page: the summary metrics, which intents are confused, per-intent accuracy, the
+    loss curve (`has_loss`), the forgetting check, the wrong rows (with their `tickets` when known),
+    the problems and the judge's notes."""
+    parts = _header(ev, title) + _metrics(ev) + _confusions(ev) + _per_intent(ev)
+    if has_loss:
+        parts.append("<h2>Training loss</h2><img src='loss_curve.png' alt='training loss curve'>")
+    if forgetting:
+        parts.append(forgetting_section(forgetting))
+    parts += _wrong_rows(ev, tickets)
+    if ev.problems:
+        parts.append(f"<h2>Problems ({len(ev.problems)})</h2><ul class='problems'>"
+                     + "".join(f"<li>{_e(p)}</li>" for p in ev.problems) + "</ul>")
+    if ev.judge.get("notes"):
+        parts.append("<h2>Judge notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in ev.judge["notes"]) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _header(ev: Evaluation, title: str) -> list[str]:
+    """The page's head, title and counts line (with the judge's)."""
+    c, j = ev.summary()["counts"], ev.judge
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
     judge_line = f"reply judge: <b>{_e(j.get('name', '?'))}</b>"
@@ -262,8 +281,12 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
             judge_line += f", <span class='flag'>{j['fallback_rows']} rows scored offline (MiniLM cosine)</span>"
     parts.append(f"<p class='sub'>{c['rows']} labelled rows ({c['ordinary']} ordinary, {c['probe']} probe), "
                  f"{c['missing_predictions']} without a prediction; {judge_line}</p>")
+    return parts
 
-    # summary metrics
+
+def _metrics(ev: Evaluation) -> list[str]:
+    """The summary metrics table."""
+    c = ev.summary()["counts"]
     rows = [("composite", ev.composite, "0.4·intent + 0.3·reply + 0.2·probe + 0.1·efficiency"),
             ("intent_accuracy", ev.intent_accuracy, f"{c['ordinary_correct']}/{c['ordinary']} ordinary rows"),
             ("probe_accuracy", ev.probe_accuracy, f"{c['probe_correct']}/{c['probe']} probe rows"),
@@ -274,12 +297,15 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
             ("must_not_mention_rate", ev.must_not_mention_rate, f"{c['must_not_mention_passed']}/{c['rows']} rows"),
             ("efficiency", ev.efficiency,
              "wall_clock_s missing" if ev.wall_clock_s is None else f"wall_clock_s {ev.wall_clock_s:.1f}")]
-    parts.append("<table class='metrics'><tr><th>metric</th><th>value</th><th>detail</th></tr>")
+    parts = ["<table class='metrics'><tr><th>metric</th><th>value</th><th>detail</th></tr>"]
     parts += [f"<tr><td>{_e(n)}</td><td class='num'>{_f(v)}</td><td>{_e(d)}</td></tr>" for n, v, d in rows]
     parts.append("</table>")
+    return parts
 
-    # which intents are confused: the list first (readable at a glance), then the matrix
-    parts.append("<h2>Which intents are confused</h2>")
+
+def _confusions(ev: Evaluation) -> list[str]:
+    """Which intents are confused: the list first (readable at a glance), then the matrix."""
+    parts = ["<h2>Which intents are confused</h2>"]
     top = top_confusions(ev.rows)
     if top:
         parts.append("<ul class='conf'>" + "".join(
@@ -288,10 +314,13 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
     else:
         parts.append("<p class='ok'>No intent confusions.</p>")
     parts.append("<img src='confusion.png' alt='confusion matrix: gold intent on rows, predicted on columns'>")
+    return parts
 
-    # per intent
-    parts.append("<h2>Per-intent accuracy</h2><table><tr><th>gold intent</th><th>rows</th><th>probe</th>"
-                 "<th>correct</th><th>accuracy</th><th>most often predicted instead</th></tr>")
+
+def _per_intent(ev: Evaluation) -> list[str]:
+    """Per-intent accuracy, the worst first."""
+    parts = ["<h2>Per-intent accuracy</h2><table><tr><th>gold intent</th><th>rows</th><th>probe</th>"
+             "<th>correct</th><th>accuracy</th><th>most often predicted instead</th></tr>"]
     for p in sorted(per_intent(ev.rows), key=lambda p: (p["accuracy"], p["intent"])):
         bar = (f"<span class='barbg'><span class='bar' style='width:{round(100 * p['accuracy'])}px'></span>"
                f"</span>{p['accuracy']:.2f}")
@@ -299,16 +328,14 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
                      f"<td class='num'>{p['probe_rows']}</td><td class='num'>{p['correct']}</td><td>{bar}</td>"
                      f"<td>{_e(p['confused_with'])}</td></tr>")
     parts.append("</table>")
+    return parts
 
-    if has_loss:
-        parts.append("<h2>Training loss</h2><img src='loss_curve.png' alt='training loss curve'>")
-    if forgetting:
-        parts.append(forgetting_section(forgetting))
 
-    # wrong rows side by side
+def _wrong_rows(ev: Evaluation, tickets: dict[TicketId, str] | None) -> list[str]:
+    """The wrong rows side by side (a wrong intent or a failed check), with their tickets when known."""
     bad = wrong_rows(ev.rows)
-    parts.append(f"<h2>Wrong rows ({len(bad)})</h2>"
-                 "<p class='sub'>Rows with a wrong intent or a failed must/must-not check.</p>")
+    parts = [f"<h2>Wrong rows ({len(bad)})</h2>"
+             "<p class='sub'>Rows with a wrong intent or a failed must/must-not check.</p>"]
     if bad:
         head = "<tr><th>id</th>" + ("<th>ticket</th>" if tickets is not None else "")
         parts.append("<table class='wrong'>" + head + "<th>intent: predicted / gold</th><th>reply</th>"
@@ -325,14 +352,7 @@ def render_html(ev: Evaluation, *, tickets: dict[TicketId, str] | None, has_loss
                          f"<td>{_e(r.reply if r.reply is not None else '')}</td><td>{_e(r.ideal_reply)}</td>"
                          f"<td>{checks}</td><td class='num'>{judged}</td></tr>")
         parts.append("</table>")
-
-    if ev.problems:
-        parts.append(f"<h2>Problems ({len(ev.problems)})</h2><ul class='problems'>"
-                     + "".join(f"<li>{_e(p)}</li>" for p in ev.problems) + "</ul>")
-    if j.get("notes"):
-        parts.append("<h2>Judge notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in j["notes"]) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def write_report(out_dir: str | Path, ev: Evaluation, *, labels_path: str | Path | None = None,

@@ -184,19 +184,7 @@ def main(args: argparse.Namespace) -> int:
             _log(f"repro: {report['error']}")
             return _finish(report, args.json, 2)
 
-        differing = differing_ids(first, second)
-        same_bytes = canonical_predictions(first) == canonical_predictions(second)
-        adapter = {"first": None, "second": None, "identical": None}
-        if weights:
-            adapter["first"] = file_sha256(Path(weights) / ADAPTER_FILE)
-            adapter["second"] = file_sha256(Path(second_weights) / ADAPTER_FILE)
-            if adapter["first"] or adapter["second"]:
-                adapter["identical"] = adapter["first"] == adapter["second"]
-        identical = same_bytes and adapter["identical"] is not False
-        report.update(identical=identical, predictions_identical=same_bytes, differing_ids=differing,
-                      order_identical=[i for i, _ in canonical_predictions(first)]
-                      == [i for i, _ in canonical_predictions(second)],
-                      predictions=len(canonical_predictions(first)), adapter=adapter)
+        report.update(_compare(first, second, weights, second_weights))
     finally:
         if not args.keep:
             Path(second_output).unlink(missing_ok=True)
@@ -204,18 +192,40 @@ def main(args: argparse.Namespace) -> int:
                 shutil.rmtree(second_weights, ignore_errors=True)
 
     if not args.json:
-        n = report["predictions"]
-        if same_bytes:
-            print(f"predictions: identical ({n} predictions, latency_ms ignored)")
-        else:
-            ids = ", ".join(str(i) for i in differing) or "(same predictions, different order)"
-            print(f"predictions: DIFFER for {len(differing)} of {n} ids: {ids}")
-        if adapter["identical"] is None:
-            print(f"adapter: no {ADAPTER_FILE} to compare")
-        else:
-            verdict = "identical" if adapter["identical"] else "DIFFER"
-            print(f"adapter: {ADAPTER_FILE} {verdict} ({adapter['first']} vs {adapter['second']})")
+        _print_verdict(report)
         if args.keep:
             print(f"second run kept at {second_output}" + (f" and {second_weights}" if second_weights else ""))
-        print("result: IDENTICAL" if identical else "result: NOT reproducible")
-    return _finish(report, args.json, 0 if identical else 1)
+        print("result: IDENTICAL" if report["identical"] else "result: NOT reproducible")
+    return _finish(report, args.json, 0 if report["identical"] else 1)
+
+
+def _compare(first: dict, second: dict, weights: str | None, second_weights: str | None) -> dict:
+    """The report's verdict on two runs' results (and, with `weights`, their adapter files)."""
+    differing = differing_ids(first, second)
+    same_bytes = canonical_predictions(first) == canonical_predictions(second)
+    adapter = {"first": None, "second": None, "identical": None}
+    if weights:
+        adapter["first"] = file_sha256(Path(weights) / ADAPTER_FILE)
+        adapter["second"] = file_sha256(Path(second_weights) / ADAPTER_FILE)
+        if adapter["first"] or adapter["second"]:
+            adapter["identical"] = adapter["first"] == adapter["second"]
+    identical = same_bytes and adapter["identical"] is not False
+    return dict(identical=identical, predictions_identical=same_bytes, differing_ids=differing,
+                order_identical=[i for i, _ in canonical_predictions(first)]
+                == [i for i, _ in canonical_predictions(second)],
+                predictions=len(canonical_predictions(first)), adapter=adapter)
+
+
+def _print_verdict(report: dict) -> None:
+    """The predictions' and the adapter's verdicts, one line each."""
+    n, differing, adapter = report["predictions"], report["differing_ids"], report["adapter"]
+    if report["predictions_identical"]:
+        print(f"predictions: identical ({n} predictions, latency_ms ignored)")
+    else:
+        ids = ", ".join(str(i) for i in differing) or "(same predictions, different order)"
+        print(f"predictions: DIFFER for {len(differing)} of {n} ids: {ids}")
+    if adapter["identical"] is None:
+        print(f"adapter: no {ADAPTER_FILE} to compare")
+    else:
+        verdict = "identical" if adapter["identical"] else "DIFFER"
+        print(f"adapter: {ADAPTER_FILE} {verdict} ({adapter['first']} vs {adapter['second']})")
