@@ -179,7 +179,7 @@ def no_models(monkeypatch):
     monkeypatch.setattr(modeling, "load_base", lambda plan: ("base", "tokenizer"))
     monkeypatch.setattr(modeling, "load_adapter", lambda base, folder: "peft")
     monkeypatch.setattr(ticket_model.IntentEncoder, "load",
-                        classmethod(lambda cls, folder, labels, max_length, choice=None: asked.setdefault("encoder", choice)))
+                        classmethod(lambda cls, folder, labels, max_length, choice=None, **shared: asked.setdefault("encoder", choice)))
     return asked
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,6 @@ import pytest
 from conftest import ROOT, run_py, write_jsonl
 from test_serve import (CHROMIUM, KEY, FakePredictor, child_env, free_port, live_server, run_app, serve_cmd,
                         tickets_body, until, wait_healthy)
-from tickettune.pipeline.data import Ticket
 from tickettune.pipeline.results import Prediction
 from tickettune.tools.serve import Desk, DeskError, Desks, Settings, create_app
 

@@ -26,7 +26,7 @@ class Generated:
 
 
 def generate(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-             stop_ids: list[int], deadline: float | None = None, batch_s: float = 0.0) -> list[Generated]:
+             stop_ids: list[int], *, deadline: float | None = None, batch_s: float = 0.0) -> list[Generated]:
     """Greedy continuations of `prompts_ids`, in input order. A batch that would end after `deadline`
     (monotonic s; judged by the slowest batch so far, or `batch_s` before the first) is not
     started: its rows and the rest get `text=None`, for the caller's retrieved reply."""

@@ -164,14 +164,14 @@ class TicketModel:
         "generate": the reply adapter writes from the top references, grounded in them (and the
         ticket); a failed, degenerate or unsupported generation falls back to the composed reply."""
         from tickettune.pipeline.generate import generate
-        from tickettune.pipeline.grounding import Grounded, ground
+        from tickettune.pipeline.grounding import RETRIEVED, Grounded, ground
 
         cfg, policy, bank = self.config.infer, policy or self.reply_policy, self.bank
         composed = [bank.compose(v, rows, policy.extra_sentences, raw)
                     for v, rows, raw in zip(vectors, ranked, raw_tickets)]
         if policy.source != "generate":
             detail = f"composed from the desk's replies (+{policy.extra_sentences} sentences at most)"
-            return [(None, Grounded(c, "retrieved", detail)) for c in composed]
+            return [(None, Grounded(c, RETRIEVED, detail)) for c in composed]
         net = self.language_model()  # (a policy switched to "generate" after a lean load: the LM loads now)
         refs = [[bank.reference(i, raw) for i in rows[:KEY_FACT_REFERENCES]]
                 for rows, raw in zip(ranked, raw_tickets)]
@@ -183,7 +183,7 @@ class TicketModel:
         batch_s = measured.get("generate_s_per_reply", 0.0) * min(cfg.gen_batch_size, len(prompt_ids))
         with use(net, self.adapters[1]):
             generated = generate(net, self.tokenizer, prompt_ids, cfg.max_new_tokens, cfg.gen_batch_size,
-                                 modeling.end_of_turn_ids(net, self.tokenizer), deadline, batch_s)
+                                 modeling.end_of_turn_ids(net, self.tokenizer), deadline=deadline, batch_s=batch_s)
         seconds, new_tokens = time.perf_counter() - t0, sum(g.new_tokens for g in generated)
         log.info("generation %.1f s (%d new tokens, %.0f tokens/s)", seconds, new_tokens,
                  new_tokens / max(seconds, 1e-9))

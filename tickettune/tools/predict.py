@@ -22,7 +22,6 @@ from pathlib import Path
 
 log = logging.getLogger("tickettune")
 EXIT_BAD_INPUT = 2
-ADDED_COLUMNS = ("predicted_intent", "reply", "confidence")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +127,7 @@ def predict_to_csv(model, args: argparse.Namespace) -> int:
     """The input's rows with the model's answer, `--chunk-rows` at a time, into the CSV `--output`."""
     from tickettune.pipeline.data import scan_tickets
     from tickettune.pipeline.results import write_jsonl
+    from tickettune.tools.csv_out import CsvOut
 
     diagnostics_all = [] if args.diagnostics else None
     with CsvOut(Path(args.output)) as out:
@@ -144,64 +144,14 @@ def predict_to_csv(model, args: argparse.Namespace) -> int:
     return out.rows
 
 
-def _predict_chunk(model, chunk: list, out: "CsvOut", diagnostics_all: list | None) -> None:
+def _predict_chunk(model, chunk: list, out, diagnostics_all: list | None) -> None:
+    from tickettune.tools.csv_out import confidence
+
     predictions, diagnostics = model.predict([t for t, _ in chunk])
     for (_, row), p, d in zip(chunk, predictions, diagnostics):
         out.write(row, p.predicted_intent, p.prediction, confidence(d, p.predicted_intent))
     if diagnostics_all is not None:
         diagnostics_all += diagnostics
-
-
-def confidence(diagnostics: dict, intent: str) -> float:
-    return float((diagnostics.get("intent_probs") or {}).get(intent, 0.0))
-
-
-class CsvOut:
-    """A CSV written beside its final name and renamed into place when closed without error. Its columns:
-    the first row's fields (a CSV's header; a JSONL row's keys), then `ADDED_COLUMNS` (an input column of
-    the same name is replaced, with a warning). Values that are not strings are written as JSON."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.rows = path, 0
-        self._file = self._writer = None
-
-    def __enter__(self) -> "CsvOut":
-        import tempfile
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=self.path.parent,
-                                                 prefix=f".{self.path.name}.", suffix=".tmp", delete=False)
-        return self
-
-    def write(self, row: dict, intent: str, reply: str, conf: float) -> None:
-        import csv
-        import json
-
-        if self._writer is None:
-            clash = [c for c in ADDED_COLUMNS if c in row]
-            if clash:
-                log.warning("the input has column(s) %s: replaced by the model's", ", ".join(clash))
-            columns = [c for c in row if c not in ADDED_COLUMNS] + list(ADDED_COLUMNS)
-            self._writer = csv.DictWriter(self._file, columns, extrasaction="ignore")
-            self._writer.writeheader()
-        cells = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in row.items()}
-        self._writer.writerow({**cells, "predicted_intent": intent, "reply": reply, "confidence": f"{conf:.4f}"})
-        self.rows += 1
-
-    def __exit__(self, kind, value, traceback) -> None:
-        import os
-
-        if self._writer is None and kind is None:  # no rows: the added columns alone
-            import csv
-
-            csv.writer(self._file).writerow(ADDED_COLUMNS)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if kind is None:
-            os.replace(self._file.name, self.path)
-        else:
-            os.unlink(self._file.name)
 
 
 def unwritable(path: Path) -> str | None:

@@ -36,7 +36,7 @@ class TicketActor:
         import numpy as np
 
         from tickettune.pipeline.data import Ticket
-        from tickettune.tools.predict import confidence
+        from tickettune.tools.csv_out import confidence
 
         if self.jsonl:
             rows = [json.loads(line) for line in batch["text"]]
@@ -92,7 +92,7 @@ def predict_with_ray(args: argparse.Namespace) -> int:
     from tickettune.pipeline.data import is_csv
     from tickettune.pipeline.results import Prediction, TrainingStats, write_results
     from tickettune.pipeline.weights_folder import read_metadata, stats_from_record
-    from tickettune.tools.predict import CsvOut
+    from tickettune.tools.csv_out import CsvOut
 
     jsonl = not is_csv(args.input)
     start_ray(args.actors * args.actor_cpus + 1)

@@ -18,8 +18,8 @@ Owns the HTTP side of prediction; `TicketModel` (tickettune.pipeline) classifies
 
 from tickettune.tools.serve.app import PAGE, PAGE_HEADERS, PAGE_SCRIPT, LocalBackend, create_app
 from tickettune.tools.serve.batching import Batcher, ModelFailure, Predictor, Settings
-from tickettune.tools.serve.cli import EXIT_BAD_INPUT, PREDICTOR_HOOK_ENV, configure, main
-from tickettune.tools.serve.desks import Desk, DeskError, Desks
+from tickettune.tools.serve.cli import EXIT_BAD_INPUT, configure, main
+from tickettune.tools.serve.desks import PREDICTOR_HOOK_ENV, Desk, DeskError, Desks
 from tickettune.tools.serve.guard import ADMIN_KEY_ENV, API_KEY_ENV
 from tickettune.tools.serve.schemas import ApiError, Result
 

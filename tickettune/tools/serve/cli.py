@@ -11,21 +11,17 @@ predictor instead of loading `--weights` (for tests of the process: SIGTERM, log
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
-import time
 from pathlib import Path
-from typing import Callable
 
-from tickettune.tools.serve.batching import Predictor, Settings
-from tickettune.tools.serve.desks import Desk, DeskError, Desks
+from tickettune.tools.serve.batching import Settings
+from tickettune.tools.serve.desks import PREDICTOR_HOOK_ENV, Desk, DeskError, Desks, hooked_loader
 from tickettune.tools.serve.guard import ADMIN_KEY_ENV, API_KEY_ENV
 
 log = logging.getLogger("tickettune.serve")
 EXIT_BAD_INPUT = 2
-PREDICTOR_HOOK_ENV = "TICKETTUNE_SERVE_PREDICTOR"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -155,21 +151,3 @@ def _pair(flag: str, problems: list[str]) -> tuple[str | None, str]:
         problems.append(f"--desk {flag}: expected NAME=WEIGHTS_DIR")
         return None, ""
     return name, str(Path(folder))
-
-
-def hooked_loader(hook: str, problems: list[str]) -> Callable[[str], Predictor]:
-    module_name, _, attr = hook.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        problems.append(f"{PREDICTOR_HOOK_ENV}={hook}: {exc}")
-        return lambda key: None
-    log.warning("%s=%s: serving that predictor, not --weights", PREDICTOR_HOOK_ENV, hook)
-
-    def load(key: str) -> Predictor:
-        t0 = time.monotonic()
-        predictor = factory()
-        log.info("model loaded in %.1f s", time.monotonic() - t0)
-        return predictor
-
-    return load

@@ -10,6 +10,7 @@ adapters, intent encoder and index are what it adds). Loading and unloading run 
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import threading
@@ -23,6 +24,7 @@ from tickettune.tools.serve.batching import Predictor
 from tickettune.tools.serve.schemas import DESK_NAME, ApiError
 
 log = logging.getLogger("tickettune.serve")
+PREDICTOR_HOOK_ENV = "TICKETTUNE_SERVE_PREDICTOR"  # module:factory -> the one desk's predictor (tests of the process)
 
 
 class DeskError(ValueError):
@@ -152,3 +154,21 @@ class Desks:
     @property
     def bases(self):
         return self._bases
+
+
+def hooked_loader(hook: str, problems: list[str]) -> Callable[[str], Predictor]:
+    module_name, _, attr = hook.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        problems.append(f"{PREDICTOR_HOOK_ENV}={hook}: {exc}")
+        return lambda key: None
+    log.warning("%s=%s: serving that predictor, not --weights", PREDICTOR_HOOK_ENV, hook)
+
+    def load(key: str) -> Predictor:
+        t0 = time.monotonic()
+        predictor = factory()
+        log.info("model loaded in %.1f s", time.monotonic() - t0)
+        return predictor
+
+    return load

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tickettune.pipeline.data import Ticket
 from tickettune.tools.serve.batching import ModelFailure, Settings, answer
-from tickettune.tools.serve.desks import Desk, Desks
+from tickettune.tools.serve.desks import PREDICTOR_HOOK_ENV, Desk, Desks, hooked_loader
 from tickettune.tools.serve.schemas import ApiError, Result
 
 log = logging.getLogger("tickettune.serve")
@@ -51,8 +51,6 @@ def rebuild(table: list, max_loaded: int, device: str | None, hook: str | None) 
     desks = Desks(max_loaded, device)
     for name, folder, labels, base in table:
         if hook:
-            from tickettune.tools.serve.cli import hooked_loader
-
             desks.add(Desk(name, hooked_loader(hook, []), labels=labels, base=base))
         else:
             desks.add_folder(name, folder)
@@ -209,8 +207,6 @@ def serve_on_ray(args: argparse.Namespace, desks: Desks, settings: Settings, api
                  admin_key: str | None) -> int:
     """Run the app on Ray Serve until SIGTERM/SIGINT; 0 on a clean stop."""
     from ray import serve
-
-    from tickettune.tools.serve.cli import PREDICTOR_HOOK_ENV
 
     start_ray(args.replicas * args.replica_cpus + 1)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tickettune.pipeline.data import Ticket
+from tickettune.pipeline.grounding import GENERATED
 from tickettune.pipeline.results import Prediction
 
 log = logging.getLogger("tickettune.serve")
@@ -171,13 +172,13 @@ def ticket_answer(result: Result) -> dict:
     p = result.prediction
     return {"id": p.id, "predicted_intent": p.predicted_intent, "prediction": p.prediction,
             "intent_scores": intent_scores(result.diagnostics),
-            "reply_source": result.diagnostics.get("reply_action", "generated"), "latency_ms": result.latency_ms}
+            "reply_source": result.diagnostics.get("reply_action", GENERATED), "latency_ms": result.latency_ms}
 
 
 def _extras(result: Result) -> dict:
     """What rides along at the top level of a chat answer (and of a stream's first chunk)."""
     return {"intent": result.prediction.predicted_intent, "intent_scores": intent_scores(result.diagnostics),
-            "reply_source": result.diagnostics.get("reply_action", "generated"), "latency_ms": result.latency_ms}
+            "reply_source": result.diagnostics.get("reply_action", GENERATED), "latency_ms": result.latency_ms}
 
 
 def chat_answer(completion_id: str, model_name: str, result: Result) -> dict:
