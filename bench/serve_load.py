@@ -82,7 +82,8 @@ def child_env() -> dict:
     return env | {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-async def run_phase(url: str, tickets: list[dict], clients: int, requests: int, seconds: float) -> Phase:
+async def run_phase(url: str, tickets: list[dict], clients: int, requests: int, seconds: float,
+                    per_request: int = 1) -> Phase:
     import httpx
 
     phase = Phase(clients)
@@ -94,10 +95,10 @@ async def run_phase(url: str, tickets: list[dict], clients: int, requests: int, 
         for n in counter:
             if time.monotonic() > stop_at:
                 return
-            row = tickets[n % len(tickets)]
+            rows = [{**tickets[(n * per_request + j) % len(tickets)], "id": f"{n}-{j}"} for j in range(per_request)]
             t0 = time.perf_counter()
             try:
-                response = await http.post(f"{url}/v1/tickets", json={"tickets": [row]})
+                response = await http.post(f"{url}/v1/tickets", json={"tickets": rows})
             except httpx.HTTPError as exc:
                 phase.errors.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=300, help="stop issuing requests after this per phase (default 300)")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16, its default)")
     ap.add_argument("--max-wait-ms", type=float, default=50, help="the server's --max-wait-ms (default 50, its default)")
+    ap.add_argument("--tickets-per-request", type=int, default=1, help="tickets in each request (default 1)")
     ap.add_argument("--ray", action="store_true", help="serve on Ray Serve (`serve --ray`)")
     ap.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (default 1)")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs per replica (default 1)")
@@ -183,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_server(weights, port, args.max_batch, args.max_wait_ms, extra)
         try:
             wait_healthy(url, proc)
-            asyncio.run(run_phase(url, tickets, 1, 1, args.seconds))  # warm-up, not counted
+            asyncio.run(run_phase(url, tickets, 1, 1, args.seconds, args.tickets_per_request))  # warm-up, not counted
             phases = [asyncio.run(run_phase(url, tickets, c, args.single_requests if c == 1 else args.requests,
-                                            args.seconds)) for c in clients]
+                                            args.seconds, args.tickets_per_request)) for c in clients]
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -195,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n`tickettune serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}{' ' if extra else ''}"
           f"{' '.join(extra)}` on {os.cpu_count()} "
-          f"CPU cores, weights {weights if args.weights else '(tiny, trained by the bench)'}, one sample ticket "
-          "per request\n")
+          f"CPU cores, weights {weights if args.weights else '(tiny, trained by the bench)'}, "
+          f"{args.tickets_per_request} sample ticket(s) per request\n")
     print(table(phases))
     result = {"phases": [{"clients": p.clients, "requests": p.done, "errors": len(p.errors),
                           "p50_ms": statistics.median(p.latencies_ms) if p.latencies_ms else None,

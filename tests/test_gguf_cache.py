@@ -55,9 +55,11 @@ def test_the_cached_conversion_loads_the_same_tensors_and_is_made_once(tmp_path,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": torch.float32}
-    folder = gguf_cache.converted(kwargs, tmp_path)
-    direct, direct_tok = gguf_cache.convert(kwargs)
+    kwargs, made = {"dtype": torch.float32}, []
+    convert = gguf_cache.convert
+    monkeypatch.setattr(gguf_cache, "convert", lambda kw: made.append(convert(kw)) or made[-1])
+    folder = gguf_cache.converted(kwargs, tmp_path)  # converts once (kept in `made`), saves, renames into place
+    [(direct, direct_tok)] = made
     monkeypatch.setattr(gguf_cache, "convert", lambda kw: pytest.fail("converted again"))
     assert gguf_cache.converted(kwargs, tmp_path) == folder  # the second load reads the cache
     cached = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)

@@ -3,8 +3,11 @@
 Two deployments:
 - `Ingress` (one replica): the FastAPI app of `app.create_app`, whole (routes, validation, keys, body
   limit, the page), with a `RayBackend` instead of the local model thread. It knows the desks (names,
-  intents, folders) and sends each request to the model deployment with the desk as the multiplexed model
-  id, so Ray's router prefers a replica that has that desk loaded.
+  intents, folders) and sends each request to the model deployment. When there are more desks than a replica
+  holds (`--max-loaded-desks`), the desk goes as the multiplexed model id, so Ray's router prefers a replica
+  that has it loaded; otherwise every replica holds every desk, and the plain router spreads the load (model
+  affinity would send a hot desk's every request to the one replica that loaded it first: measured, 2 replicas
+  then did no better than one).
 - `DeskModels` (`--replicas N`, `--replica-cpus` each): each replica loads desks on first use
   (`@serve.multiplexed`, LRU at `--max-loaded-desks`, one copy of each base model per replica) and gathers
   concurrent requests with `@serve.batch` (`--max-batch` requests, `--max-wait-ms`), a batch split per desk,
@@ -65,10 +68,11 @@ def model_deployment(settings: Settings):
     class DeskModels:
         def __init__(self, table: list, device: str | None, hook: str | None) -> None:
             self.desks = rebuild(table, settings.max_loaded_desks, device, hook)
-            self.device, self.hook = device, hook
             self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickettune-model")
             self._batched.set_max_batch_size(settings.max_batch)
             self._batched.set_batch_wait_timeout_s(settings.max_wait_s)
+            for name in self.desks.names()[:settings.max_loaded_desks]:  # ready when healthy, as on one process
+                self.desks.get(name)
 
         @serve.multiplexed(max_num_models_per_replica=settings.max_loaded_desks)
         async def desk(self, name: str) -> str:
@@ -135,9 +139,11 @@ class RayBackend:
             return []
         arrived = time.monotonic()
         folder = self.desks.entry(desk).folder
+        handle = self.handle
+        if len(self.desks.names()) > self.settings.max_loaded_desks:  # not every replica can hold every desk
+            handle = handle.options(multiplexed_model_id=desk)
         try:
-            answered = await self.handle.options(multiplexed_model_id=desk).predict.remote(
-                desk, str(folder) if folder else None, tickets)
+            answered = await handle.predict.remote(desk, str(folder) if folder else None, tickets)
         except BackPressureError:
             raise ApiError(503, "every replica's queue is full: retry later", headers={"Retry-After": "2"}) from None
         except Exception as exc:  # noqa: BLE001 - a replica's failure is this request's, not the server's
