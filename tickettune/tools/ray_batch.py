@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
+from tickettune.tools.ray_runtime import start_ray
+
 log = logging.getLogger("tickettune")
-ENV_ADDRESS = "TICKETTUNE_RAY_ADDRESS"
 ANSWER_COLUMNS = ("predicted_intent", "reply", "confidence", "latency_ms", "tokens_used")
 
 
@@ -52,19 +52,6 @@ class TicketActor:
         out["latency_ms"] = np.array([p.latency_ms for p in predictions])
         out["tokens_used"] = np.array([p.tokens_used for p in predictions])
         return out
-
-
-def start_ray(cpus: float) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get(ENV_ADDRESS)
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(1, int(round(cpus))), object_store_memory=200 * 1024 * 1024,
-                 include_dashboard=False, log_to_driver=False)
 
 
 def dataset(args: argparse.Namespace, jsonl: bool):

@@ -79,6 +79,13 @@ def answer(predictor: Predictor, tickets: list[Ticket]) -> list[tuple[Prediction
     return list(zip(predictions, diagnostics, counts))
 
 
+def check_size(tickets: list[Ticket], settings: Settings) -> None:
+    """A request of more tickets than the queue holds is refused whole (413), whatever the backend."""
+    if len(tickets) > settings.max_queue:
+        raise ApiError(413, f"tickets: {len(tickets)} tickets in one request, at most {settings.max_queue} "
+                            "(the server's --max-queue)", "tickets")
+
+
 class Batcher:
     """See the module. `predictor_of(desk)` is called on the model thread for each batch."""
 
@@ -123,9 +130,7 @@ class Batcher:
     async def submit(self, desk: str, tickets: list[Ticket]) -> list[Result]:
         """The results of `tickets` on `desk`, in order. Raises `ApiError` 413/503 when they do not fit in
         the queue, `ModelFailure` when the model fails on them."""
-        if len(tickets) > self.settings.max_queue:
-            raise ApiError(413, f"tickets: {len(tickets)} tickets in one request, at most {self.settings.max_queue} "
-                                "(the server's --max-queue)", "tickets")
+        check_size(tickets, self.settings)
         if len(self._pending) + len(tickets) > self.settings.max_queue:
             raise ApiError(503, f"the queue is full ({len(self._pending)} of {self.settings.max_queue} tickets "
                                 "waiting): retry later", headers={"Retry-After": str(self.retry_after())})

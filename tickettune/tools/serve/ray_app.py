@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import signal
 import threading
@@ -35,12 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tickettune.pipeline.data import Ticket
-from tickettune.tools.serve.batching import ModelFailure, Settings, answer
+from tickettune.tools.ray_runtime import start_ray
+from tickettune.tools.serve.batching import ModelFailure, Settings, answer, check_size
 from tickettune.tools.serve.desks import PREDICTOR_HOOK_ENV, Desk, Desks, hooked_loader
 from tickettune.tools.serve.schemas import ApiError, Result
 
 log = logging.getLogger("tickettune.serve")
-ENV_ADDRESS = "TICKETTUNE_RAY_ADDRESS"
 APP_NAME = "tickettune"
 
 
@@ -132,9 +131,7 @@ class RayBackend:
     async def submit(self, desk: str, tickets: list[Ticket]) -> list[Result]:
         from ray.serve.exceptions import BackPressureError
 
-        if len(tickets) > self.settings.max_queue:
-            raise ApiError(413, f"tickets: {len(tickets)} tickets in one request, at most {self.settings.max_queue} "
-                                "(the server's --max-queue)", "tickets")
+        check_size(tickets, self.settings)
         if not tickets:
             return []
         arrived = time.monotonic()
@@ -194,19 +191,6 @@ def application(desks: Desks, settings: Settings, *, replicas: int, replica_cpus
         max_ongoing_requests=max(2 * settings.max_batch, 8), max_queued_requests=settings.max_queue)
     ingress = ingress_deployment().options(ray_actor_options={"num_cpus": 0.25})
     return ingress.bind(models.bind(table, device, hook), table, settings, replicas, api_key, admin_key)
-
-
-def start_ray(cpus: float) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get(ENV_ADDRESS)
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(1, math.ceil(cpus)), object_store_memory=200 * 1024 * 1024,
-                 include_dashboard=False, log_to_driver=False)
 
 
 def serve_on_ray(args: argparse.Namespace, desks: Desks, settings: Settings, api_key: str | None,
