@@ -24,7 +24,8 @@ runlog.set_process_defaults()  # before torch starts: passive OpenMP waits, dete
 
 from tickettune import __version__  # noqa: E402
 from tickettune.pipeline import config, data  # noqa: E402
-from tickettune.pipeline.embeddings import EncoderUnavailable, check_available, select_encoder  # noqa: E402
+from tickettune.pipeline.embeddings import (EncoderUnavailable, check_available, hub_allowed,  # noqa: E402
+                                             resolve_encoder, select_encoder)
 from tickettune.pipeline.results import folder_problem  # noqa: E402
 from tickettune.pipeline.plan import (BUNDLED, ENV_MODEL, Hardware, Plan, decide, detect_hardware,  # noqa: E402
                                       fallbacks, model_override)
@@ -43,9 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for everything (else $TICKETTUNE_SEED, else 0)")
     p.add_argument("--base-model", default=None,
                    help=f"hub id or local folder; else ${ENV_MODEL}; else chosen by hardware")
-    p.add_argument("--encoder", default=None, choices=config.ENCODERS,
+    p.add_argument("--encoder", default=None, choices=config.ENCODER_CHOICES,
                    help=f"sentence encoder under retrieval and the intent encoder; else ${config.ENV_ENCODER}; "
-                   f"else the config's encoder.model; else {config.DEFAULT_ENCODER} (mpnet: made by scripts/setup.sh)")
+                   f"else the config's encoder.model; else {config.DEFAULT_ENCODER}: mpnet where scripts/setup.sh "
+                   "has set it up (off the CPU plan: or the hub has it), else minilm")
     p.add_argument("--config", default=None, help="JSON file overriding settings, e.g. {\"train\": {\"epochs\": 2}}")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget for the whole run (default 1500)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -132,6 +134,10 @@ def prepare(args: argparse.Namespace, clock) -> Job:
         overrides |= {k: v for k, v in (("seed", seed), ("budget_s", args.budget_s)) if v is not None}
         overrides = config.with_encoder(overrides, args.encoder)  # --encoder > $TICKETTUNE_ENCODER > --config
         cfg = config.RunConfig.for_plan(plan.device, overrides)
+        if cfg.encoder.model == config.AUTO_ENCODER:  # concrete from here on: a fallback plan and the saved model agree
+            hub = plan.model != BUNDLED and hub_allowed()
+            overrides = config.with_encoder(overrides, resolve_encoder(cfg.encoder.model, hub=hub))
+            cfg = config.RunConfig.for_plan(plan.device, overrides)
         select_encoder(cfg.encoder.model)  # every embedding of this run, and the intent encoder's base
         # before any model loads; the CPU plan never uses the hub (main sets HF_HUB_OFFLINE): the folder must be here
         check_available(cfg.encoder.model, hub=False if plan.model == BUNDLED else None)

@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The suite runs on the small encoder (MiniLM; the default, `auto`, is mpnet where scripts/setup.sh set it up,
+# whose fine-tuning costs ~4x more): the choice itself is test_encoder_choice.py's, which clears this, and
+# test_mpnet_run.py runs run.py and predict on the real mpnet.
+os.environ.setdefault("TICKETTUNE_ENCODER", "minilm")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "northstar"
 

@@ -1,5 +1,6 @@
-"""The sentence encoder as a plan choice (`minilm` | `mpnet`): how it resolves (--encoder > $TICKETTUNE_ENCODER >
-the config's encoder.model > minilm), that a bad name is a config error naming the field, that the cache of
+"""The sentence encoder as a plan choice (`auto` | `minilm` | `mpnet`): how it resolves (--encoder > $TICKETTUNE_ENCODER >
+the config's encoder.model > auto), that `auto` is mpnet where its folder is set up (or, off the CPU plan, the hub
+has it) and minilm elsewhere, that a bad name is a config error naming the field, that the cache of
 loaded encoders is keyed by the choice, and that a weights folder recording mpnet loads on the mpnet folder.
 Fast: fake model folders and a fake SentenceTransformer, except the last test, which embeds with the real
 all-mpnet-base-v2 where scripts/setup.sh has made its folder (skipped otherwise)."""
@@ -16,12 +17,15 @@ from tickettune.pipeline.config import ConfigError, RunConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "northstar"
+REAL_CACHE = mpnet.cache_root()  # where scripts/setup.sh made the real mpnet folder (the last test's)
 
 
 @pytest.fixture(autouse=True)
-def fresh(monkeypatch):
-    """No choice left over from another test, no user folder, no hub; the loaded encoders forgotten."""
+def fresh(monkeypatch, tmp_path):
+    """No choice left over from another test (the suite's minilm included), no user folder, no hub, no mpnet
+    folder (`fake_mpnet` makes one); the loaded encoders forgotten."""
     monkeypatch.delenv(config.ENV_ENCODER, raising=False)
+    monkeypatch.setenv(mpnet.ENV_CACHE, str(tmp_path / "no-cache"))
     monkeypatch.delenv(embeddings.ENV_EMBEDDER, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     embeddings.select_encoder(None)
@@ -65,7 +69,7 @@ def choice(flag=None, file=None):
 
 
 def test_the_choice_resolves_flag_then_environment_then_config_then_default(monkeypatch):
-    assert choice() == "minilm"
+    assert choice() == "auto"
     assert choice(file="mpnet") == "mpnet"
     monkeypatch.setenv(config.ENV_ENCODER, "mpnet")
     assert choice() == "mpnet"
@@ -73,7 +77,52 @@ def test_the_choice_resolves_flag_then_environment_then_config_then_default(monk
     assert choice(flag="minilm", file="mpnet") == "minilm"  # the flag beats both
     monkeypatch.setenv(config.ENV_ENCODER, "")         # empty: not set
     assert choice(file="mpnet") == "mpnet"
-    assert RunConfig.for_plan("cuda").encoder.model == "minilm"  # the GPU default too, until measured
+    assert RunConfig.for_plan("cuda").encoder.model == "auto"  # the GPU default too
+
+
+def test_auto_is_mpnet_where_its_folder_is_set_up(fake_mpnet, caplog):
+    assert embeddings.resolve_encoder("auto") == "mpnet" and embeddings.selected_encoder() == "mpnet"
+    assert embeddings.load_embedder().name == mpnet.NAME and "auto" not in caplog.text
+
+
+def test_auto_is_minilm_without_the_mpnet_folder_and_says_how_to_get_it(caplog):
+    assert embeddings.resolve_encoder("auto", quiet=True) == "minilm" and not caplog.text
+    assert embeddings.resolve_encoder("auto") == "minilm"
+    assert "no-cache" in caplog.text and "scripts/setup.sh" in caplog.text
+    assert embeddings.selected_encoder() == "minilm" and embeddings.load_embedder().name == embeddings.EMBEDDER_PIP
+    assert embeddings.resolve_encoder("mpnet") == "mpnet"  # a named encoder is never swapped
+    with pytest.raises(embeddings.EncoderUnavailable, match="no-cache"):
+        embeddings.load_embedder(choice="mpnet")
+
+
+@pytest.mark.parametrize("hub_has_it", [True, False])
+def test_auto_off_the_cpu_plan_tries_the_hub_copy_then_settles_for_minilm(hub_has_it, monkeypatch, caplog):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    loaded = []
+
+    def load(source, device, local):
+        loaded.append((source, local))
+        if source == mpnet.HUB_ID and not hub_has_it:
+            raise OSError("no network")
+        return SimpleNamespace(encode=lambda texts, **_: np.ones((len(texts), 768), dtype=np.float32))
+
+    monkeypatch.setattr(embeddings, "_sentence_transformer", load)
+    assert embeddings.resolve_encoder("auto", hub=True) == ("mpnet" if hub_has_it else "minilm")
+    assert loaded[0] == (mpnet.HUB_ID, False)
+    assert ("did not load from the hub (OSError)" in caplog.text) == (not hub_has_it)
+    assert embeddings.resolve_encoder("auto") == "minilm"  # without `hub`, the folder alone decides
+
+
+@pytest.mark.parametrize("set_up", [True, False])
+def test_run_py_makes_auto_concrete_before_anything_loads(set_up, request, tmp_path):
+    folder = request.getfixturevalue("fake_mpnet").folder if set_up else None
+    args = run.parse_args(["--train", str(SAMPLE / "train.jsonl"), "--val", str(SAMPLE / "val.jsonl"),
+                           "--weights", str(tmp_path / "w"), "--output", str(tmp_path / "r.json")])
+    job = run.prepare(args, run.runlog.Clock())  # the CPU plan: no hub, and no error either way
+    expected = "mpnet" if set_up else "minilm"
+    assert job.cfg.encoder.model == expected and embeddings.selected_encoder() == expected
+    assert job.config_for(job.plan).encoder.model == expected  # a fallback plan keeps what auto became
+    assert (embeddings.embedder_path() == folder) if set_up else embeddings.encoder_name() == embeddings.EMBEDDER_PIP
 
 
 def test_run_py_takes_the_flag_and_selects_it_for_the_process(fake_mpnet, tmp_path, monkeypatch):
@@ -113,6 +162,7 @@ def test_run_py_stops_before_any_model_when_the_mpnet_folder_is_missing(tmp_path
 
 
 def test_the_loaded_encoders_are_cached_per_choice(fake_mpnet):
+    embeddings.select_encoder("minilm")
     minilm = embeddings.load_embedder()
     assert minilm.name == embeddings.EMBEDDER_PIP
     embeddings.select_encoder("mpnet")
@@ -187,6 +237,7 @@ def test_a_weights_folder_that_names_mpnet_loads_on_the_mpnet_folder(fake_mpnet,
     from tickettune.pipeline.ticket_model import TicketModel
 
     folder = weights_folder(tmp_path / "w", mpnet.NAME, 768)  # its config says minilm: the embedder decides
+    embeddings.select_encoder("minilm")  # a process on minilm
     model = TicketModel.load(folder, device="cpu")
     assert model.encoder_choice == "mpnet" and model.config.encoder.model == "mpnet"
     assert no_models["encoder"] == "mpnet"                  # the intent encoder's base: mpnet too
@@ -223,7 +274,8 @@ def test_an_index_of_another_dimension_is_refused(fake_mpnet, no_models, tmp_pat
 
 
 @pytest.mark.skipif(not mpnet.is_ready(mpnet.folder()), reason="scripts/setup.sh has not made the mpnet folder")
-def test_mpnet_embeddings_are_768_d_and_normalised():
+def test_mpnet_embeddings_are_768_d_and_normalised(monkeypatch):
+    monkeypatch.setenv(mpnet.ENV_CACHE, str(REAL_CACHE))
     vectors = embeddings.embed(["Where is my invoice?", "I need the invoice for March", "Reset my password"],
                                choice="mpnet")
     assert vectors.shape == (3, 768) and vectors.dtype == np.float32

@@ -20,7 +20,9 @@ from tickettune.pipeline.replies import AUTO, REPLY_SOURCES, RETRIEVE
 
 
 ENCODERS = ("minilm", "mpnet")     # the sentence encoder under retrieval and the intent encoder
-DEFAULT_ENCODER = "minilm"
+AUTO_ENCODER = "auto"              # mpnet where it is set up here, else minilm (`embeddings.resolve_encoder`)
+ENCODER_CHOICES = (AUTO_ENCODER,) + ENCODERS
+DEFAULT_ENCODER = AUTO_ENCODER     # chosen on the many-desk bench: docs/decisions.md
 ENV_ENCODER = "TICKETTUNE_ENCODER"
 
 
@@ -54,8 +56,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The intent encoder (`encoder.py`): the sentence encoder (`model`; MiniLM by default) fine-tuned with a
-    supervised contrastive loss through LoRA, a logistic-regression head. Chosen by cross-validation inside Banking77's few-shot rows."""
+    """The intent encoder (`encoder.py`): the sentence encoder (`model`; mpnet where it is set up, else MiniLM)
+    fine-tuned with a supervised contrastive loss through LoRA, a logistic-regression head. Chosen by
+    cross-validation inside Banking77's few-shot rows."""
     enabled: bool = True            # False: the frozen prototype classifier is the embedding expert
     lora_r: int = 16
     lr: float = 5e-4
@@ -75,7 +78,8 @@ class EncoderConfig:
     time_share_alone: float = 0.75  # the same when the LM adapters cannot train in the rest (time_budget.encoder_deadline)
     # the sentence encoder, a plan choice (`--encoder`, else $TICKETTUNE_ENCODER, else this): the frozen
     # embedder of retrieval and the base of the intent encoder. "minilm": the bundled all-MiniLM-L6-v2
-    # (384-d); "mpnet": all-mpnet-base-v2 (768-d) that scripts/setup.sh verifies into a cache folder
+    # (384-d); "mpnet": all-mpnet-base-v2 (768-d) that scripts/setup.sh verifies into a cache folder;
+    # "auto": mpnet where it is set up, else minilm, made concrete before the run starts (run.py)
     model: str = DEFAULT_ENCODER
 
 
@@ -182,7 +186,7 @@ def validate(cfg: RunConfig) -> list[str]:
     t, i, e = cfg.train, cfg.infer, cfg.encoder
     checks = [
         (t.holdout_max >= 0, "train.holdout_max must be >= 0"),
-        (e.model in ENCODERS, f"encoder.model must be one of {', '.join(ENCODERS)} (got {e.model!r})"),
+        (e.model in ENCODER_CHOICES, f"encoder.model must be one of {', '.join(ENCODER_CHOICES)} (got {e.model!r})"),
         (e.lora_r >= 1, "encoder.lora_r must be >= 1"),
         (e.lr > 0, "encoder.lr must be > 0"),
         (e.epochs > 0, "encoder.epochs must be > 0"),
@@ -221,15 +225,15 @@ def validate(cfg: RunConfig) -> list[str]:
 
 
 def checked_encoder(choice: str, source: str) -> str:
-    """`choice` when it is one of ENCODERS, else a ConfigError naming the field and where it came from."""
-    if choice not in ENCODERS:
-        raise ConfigError([f"encoder.model ({source}): {choice!r} is not one of {', '.join(ENCODERS)}"])
+    """`choice` when it is one of ENCODER_CHOICES, else a ConfigError naming the field and where it came from."""
+    if choice not in ENCODER_CHOICES:
+        raise ConfigError([f"encoder.model ({source}): {choice!r} is not one of {', '.join(ENCODER_CHOICES)}"])
     return choice
 
 
 def encoder_choice(flag: str | None = None) -> str | None:
     """The encoder named by `--encoder`, else by $TICKETTUNE_ENCODER (empty: none); None when neither
-    names one (then the config's `encoder.model` holds). A name not in ENCODERS is a ConfigError."""
+    names one (then the config's `encoder.model` holds). A name not in ENCODER_CHOICES is a ConfigError."""
     choice, source = (flag, "--encoder") if flag else (os.environ.get(ENV_ENCODER) or None, f"${ENV_ENCODER}")
     return None if choice is None else checked_encoder(choice, source)
 

