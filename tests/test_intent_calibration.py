@@ -57,16 +57,19 @@ def test_heldout_queries_name_each_querys_row():
     assert rows.tolist() == [1, 1, 1, 4, 4, 4] and gold.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def _model(n_rows: int):
+def _model(n_rows: int, device: str = "cuda"):
     examples = tuple(Example(str(i), "t", f"i{i % 3}", "r") for i in range(n_rows))
     index = SimpleNamespace(examples=examples, vectors=np.eye(n_rows))
     seqs = [SimpleNamespace(row=i, task=task, input_ids=[0] * 50) for i in range(n_rows) for task in ("intent", "reply")]
-    return SimpleNamespace(config=RunConfig(), index=index), seqs
+    return SimpleNamespace(config=RunConfig.for_plan(device), index=index), seqs
 
 
-@pytest.mark.parametrize("score_s, share", [(0.01, "time_share"), (10.0, "time_share_alone")])
-def test_the_encoder_takes_the_time_the_adapters_cannot_use(score_s, share):
-    model, seqs = _model(12)
+@pytest.mark.parametrize("score_s, device, share", [(0.01, "cuda", "time_share"), (10.0, "cuda", "time_share_alone"),
+                                                    (0.01, "cpu", "time_share_alone")])
+def test_the_encoder_takes_the_time_the_adapters_cannot_use(score_s, device, share):
+    """On the GPU plan the LM's intent adapter gets the larger share unless it could not train in it; on the
+    CPU plan, where the LM's label scores never change an intent (weight fixed at 0), the encoder gets it."""
+    model, seqs = _model(12, device)
     costs = budget.Costs(1e-3, 1e-3, score_s, 0.0)    # 10 s per val ticket scored: nothing else fits
     deadline = time.monotonic() + 300
     until = encoder_deadline(model, seqs, set(), val_rows=100, costs=costs, deadline=deadline)

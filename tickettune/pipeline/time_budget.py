@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 
 from tickettune.pipeline import budget, intent, modeling, prompts, train
+from tickettune.pipeline.calibration import lm_scores_matter
 from tickettune.pipeline.replies import HELDOUT_REPLIES
 from tickettune.pipeline.ticket_model import TicketModel
 
@@ -102,15 +103,21 @@ def _scoring_seconds(model: TicketModel) -> float:
 
 def encoder_deadline(model: TicketModel, seqs: list, held: set[int], val_rows: int, costs: budget.Costs | None,
                      deadline: float | None) -> float | None:
-    """When the intent encoder must stop training: after `encoder.time_share` of the time left, or,
-    when the LM adapters could not train a single step in the time that share leaves (the measured
-    plan says so: many val tickets to score, a short budget), after `encoder.time_share_alone`: the
-    LM would not use the rest, so the encoder does. None without a deadline."""
+    """When the intent encoder must stop training: after `encoder.time_share` of the time left, or
+    after `encoder.time_share_alone` when the LM's training cannot help intents as much: its label
+    scores cannot matter (`calibration.lm_scores_matter`: the CPU plan, its weight fixed at 0), or
+    the LM adapters could not train a single step in the time the smaller share leaves (the measured
+    plan says so: many val tickets to score, a short budget). Binds only where the budget does (large
+    desks, short budgets). None without a deadline."""
     if deadline is None:
         return None
     now = time.monotonic()
     share = model.config.encoder.time_share
-    if costs is not None:
+    if not lm_scores_matter(model.config):
+        share = max(share, model.config.encoder.time_share_alone)
+        log.info("intent encoder: up to %.0f%% of the time left (the LM's label scores cannot change an intent "
+                 "here: its weight is fixed at 0)", 100 * share)
+    elif costs is not None:
         after = plan_budget(model, seqs, held, val_rows=val_rows, costs=costs, deadline=now + (1 - share) * (deadline - now),
                             quiet=True)
         if not after.trains:
