@@ -542,7 +542,7 @@ def main() -> int:
     p.add_argument("--banking", type=int, default=12, help="random Banking77 desks (seeds 0..N-1)")
     p.add_argument("--no-fixed", action="store_true", help="leave out the data/ sets")
     p.add_argument("--full", action="store_true", help="run.py itself on the desks with replies (slow: minutes each)")
-    p.add_argument("--only", nargs="+", default=None, help="full mode: these desks only (names as printed)")
+    p.add_argument("--only", nargs="+", default=None, help="these desks only, of those drawn (names as printed)")
     p.add_argument("--tables-only", action="store_true", help="full mode: print the tables of the --json saved before")
     p.add_argument("--setfit", action="store_true", help="add SetFit, given the encoder's seconds on each desk")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "desks", help="expert scores per desk")
@@ -554,7 +554,7 @@ def main() -> int:
     from tickettune.pipeline.embeddings import selected_encoder
 
     cfg = RunConfig.for_plan("cpu", json.loads(Path(args.config).read_text()) if args.config else {})
-    desks = draw(args.bitext, args.banking, not args.no_fixed)
+    desks = [d for d in draw(args.bitext, args.banking, not args.no_fixed) if args.only is None or d.name in args.only]
     if args.full:
         return main_full(desks, args)
     results, t0 = [], time.perf_counter()
@@ -597,7 +597,7 @@ def reply_policy_rules(result: dict) -> dict:
 def main_full(desks: list[Desk], args) -> int:
     import tempfile
 
-    chosen = [d for d in desks if d.has_replies and (args.only is None or d.name in args.only)]
+    chosen = [d for d in desks if d.has_replies]
     results = []
     if args.tables_only:  # the tables of a full run saved before (the runs take minutes each)
         results, chosen = json.loads(args.json.read_text())["results"], []
