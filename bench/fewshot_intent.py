@@ -127,8 +127,11 @@ def main() -> int:
     args = p.parse_args()
 
     from tickettune.pipeline import runlog
-    from tickettune.pipeline.embeddings import embed
+    from functools import partial
 
+    from tickettune.pipeline.embeddings import embed as embed_any
+
+    embed = partial(embed_any, choice="minilm")  # the frozen baselines are MiniLM's, whatever the run's encoder
     runlog.setup(False)
     import tempfile
 
