@@ -134,13 +134,12 @@ def prepare(args: argparse.Namespace, clock) -> Job:
         overrides |= {k: v for k, v in (("seed", seed), ("budget_s", args.budget_s)) if v is not None}
         overrides = config.with_encoder(overrides, args.encoder)  # --encoder > $TICKETTUNE_ENCODER > --config
         cfg = config.RunConfig.for_plan(plan.device, overrides)
+        hub = plan.model != BUNDLED and hub_allowed()  # the CPU plan never uses the hub (main sets HF_HUB_OFFLINE)
         if cfg.encoder.model == config.AUTO_ENCODER:  # concrete from here on: a fallback plan and the saved model agree
-            hub = plan.model != BUNDLED and hub_allowed()
             overrides = config.with_encoder(overrides, resolve_encoder(cfg.encoder.model, hub=hub))
             cfg = config.RunConfig.for_plan(plan.device, overrides)
         select_encoder(cfg.encoder.model)  # every embedding of this run, and the intent encoder's base
-        # before any model loads; the CPU plan never uses the hub (main sets HF_HUB_OFFLINE): the folder must be here
-        check_available(cfg.encoder.model, hub=False if plan.model == BUNDLED else None)
+        check_available(cfg.encoder.model, hub=hub)  # before any model loads: without the hub, the folder must be here
     return Job(train_rows, val_rows, Path(args.weights), Path(args.output), hardware, override, plan, cfg, overrides)
 
 

@@ -37,6 +37,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +128,9 @@ def main() -> int:
     args = p.parse_args()
 
     from tickettune.pipeline import runlog
-    from functools import partial
+    from tickettune.pipeline.embeddings import embed
 
-    from tickettune.pipeline.embeddings import embed as embed_any
-
-    embed = partial(embed_any, choice="minilm")  # the frozen baselines are MiniLM's, whatever the run's encoder
+    minilm_embed = partial(embed, choice="minilm")  # the frozen baselines are MiniLM's, whatever the run's encoder
     runlog.setup(False)
     import tempfile
 
@@ -141,7 +140,7 @@ def main() -> int:
         test_rows = test_rows[::max(1, len(test_rows) // args.limit_test)][:args.limit_test]
     test_texts, gold = [t for t, _ in test_rows], [c for _, c in test_rows]
     t0 = time.perf_counter()
-    test_vectors = embed(test_texts)
+    test_vectors = minilm_embed(test_texts)
     embed_s = time.perf_counter() - t0
     base = tokenizer = plan = None
     if "tickettune" in args.methods:
@@ -157,7 +156,7 @@ def main() -> int:
             train = sample(train_rows, k, seed)
             t0 = time.perf_counter()
             frozen = {"minilm-prototype", "minilm-logreg"} & set(args.methods)
-            predicted = frozen_methods(train, test_vectors, embed) if frozen else {}
+            predicted = frozen_methods(train, test_vectors, minilm_embed) if frozen else {}
             seconds = dict.fromkeys(frozen, time.perf_counter() - t0 + embed_s)
             if "tickettune" in args.methods:
                 t0 = time.perf_counter()

@@ -1,9 +1,9 @@
 """SetFit, the peer a practitioner would pick for few-shot intent, as a baseline for the benches.
 
 Its default recipe (contrastive pairs from the few labelled rows, one epoch, then a logistic-regression
-head) on the same sentence-encoder body tickettune embeds with (the run's: MiniLM or mpnet), with one change: training stops after `seconds`
-(a callback at each step), the time tickettune's own intent fit was given, so that the comparison is
-at equal cost. Unbounded, the default recipe plans 9,144 steps on Banking77 5-shot: hours on 2 cores.
+head) on the same sentence-encoder body tickettune embeds with (the run's: MiniLM or mpnet), with one
+change: training stops after `seconds` (a callback at each step), the time tickettune's own intent fit
+was given, so that the comparison is at equal cost. Unbounded, the default recipe plans 9,144 steps on Banking77 5-shot: hours on 2 cores.
 Needs `pip install setfit` (bench only; not a dependency of tickettune).
 """
 
